@@ -1,0 +1,1 @@
+"""Serving: generation loop and CLI (`python -m infer.generate`)."""

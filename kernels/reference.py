@@ -1,0 +1,110 @@
+"""PyTorch reference ops: the readable, exact twins that every Triton kernel is tested against.
+
+The model calls these (through kernels.ops once a Triton backend exists) and nothing else for its
+numerics, so the two paths meet in one small set of functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = x / sqrt(mean(x²) + eps) * weight, reduced in fp32 and cast back (Meta and HF agree)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return y.to(x.dtype) * weight
+
+
+def rope_frequencies(
+    head_dim: int,
+    theta: float,
+    *,
+    scaled: bool = False,
+    scale_factor: float = 8.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_max_seq_len: int = 8192,
+) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) in fp32, with Llama 3.1/3.2 scaling when `scaled`.
+
+    Llama 3 scaling keeps high frequencies (wavelength < orig/high_freq_factor), divides low ones
+    (wavelength > orig/low_freq_factor) by `scale_factor`, and interpolates smoothly in between.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if not scaled:
+        return inv_freq
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = original_max_seq_len / low_freq_factor
+    high_wavelen = original_max_seq_len / high_freq_factor
+    smooth = (original_max_seq_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    mid = (1 - smooth) * inv_freq / scale_factor + smooth * inv_freq
+    out = torch.where(wavelen > low_wavelen, inv_freq / scale_factor, mid)
+    return torch.where(wavelen < high_wavelen, inv_freq, out)
+
+
+def rope_table(inv_freq: torch.Tensor, max_seq_len: int) -> torch.Tensor:
+    """cos/sin for every position: (max_seq_len, head_dim/2, 2) fp32, [..., 0] = cos, [..., 1] = sin."""
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)
+
+
+def rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) — Meta's convention, not HF's rotate-half.
+
+    x: (B, T, H, hd); cos_sin: (B, T, hd/2, 2) or (T, hd/2, 2) for the positions of x.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
+    cs = cos_sin.unsqueeze(-3)  # broadcast over heads
+    cos, sin = cs[..., 0], cs[..., 1]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def linear_scale(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    row_to_seq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = (x @ wᵀ) * scale[row_to_seq]: a projection with a per-sequence column scale.
+
+    x: (M, K) or (B, T, K); w: (N, K); scale: (S, N) one row per sequence; row_to_seq: (M,) maps
+    each row of x to its sequence (None: scale has one row per leading index of x, broadcast).
+    """
+    y = F.linear(x, w)
+    if scale is None:
+        return y
+    if row_to_seq is not None:
+        return y * scale[row_to_seq].to(y.dtype)
+    return y * scale.view(scale.shape[0], *([1] * (y.dim() - 2)), -1).to(y.dtype)
+
+
+def gated_up(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    scale_u: torch.Tensor | None = None,
+    row_to_seq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SwiGLU input of the down projection: silu(x @ w_gateᵀ) * ((x @ w_upᵀ) * scale_u[row_to_seq])."""
+    return F.silu(F.linear(x, w_gate)) * linear_scale(x, w_up, scale_u, row_to_seq)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(hd)) v with GQA by head grouping (no repeated K/V is materialised).
+
+    q: (B, T, H, hd); k, v: (B, S, H_kv, hd) → (B, T, H, hd).
+    """
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        is_causal=causal,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)

@@ -1,0 +1,174 @@
+"""LLaMA in one flat file, with Meta's parameter names so a Meta checkpoint is a plain state dict.
+
+Shapes: B batch, T tokens, d model width, H / H_kv query / key-value heads, hd head width.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from kernels import reference as ops
+from model.args import ModelArgs
+
+if TYPE_CHECKING:
+    from weights.tokenizer import Tokenizer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.q_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.kv_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.kv_dim, bias=False)
+        self.wo = nn.Linear(args.q_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, hd)
+        q, k = ops.rope(q, cos_sin), ops.rope(k, cos_sin)
+        out = ops.attention(q, k, v, causal=True)  # (B, T, H, hd)
+        return self.wo(out.reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); Meta's w1 = gate, w3 = up, w2 = down."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(ops.gated_up(x, self.w1.weight, self.w3.weight))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos_sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.tokenizer: Tokenizer | None = None
+        self.setup_rope()
+
+    def setup_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)build the cos/sin table; a buffer so .to(device) moves it, not saved in state dicts."""
+        a = self.args
+        device = device or self.tok_embeddings.weight.device
+        if torch.device(device).type == "meta":  # built under torch.device("meta"): from_pretrained fills it
+            self.register_buffer("rope_cos_sin", torch.empty(a.max_seq_len, a.head_dim // 2, 2, device="meta"), persistent=False)
+            return
+        inv_freq = ops.rope_frequencies(
+            a.head_dim,
+            a.rope_theta,
+            scaled=a.use_scaled_rope,
+            scale_factor=a.rope_scale_factor,
+            low_freq_factor=a.rope_low_freq_factor,
+            high_freq_factor=a.rope_high_freq_factor,
+            original_max_seq_len=a.rope_original_max_seq_len,
+        )
+        table = ops.rope_table(inv_freq, a.max_seq_len).to(device)
+        self.register_buffer("rope_cos_sin", table, persistent=False)  # (max_seq_len, hd/2, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Full causal forward with no cache, the reference for every faster path.
+
+        tokens: (B, T) int64 → logits (B, T, vocab) float32.
+        """
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
+        T = tokens.shape[1]
+        if T > self.args.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.args.max_seq_len}")
+        h = self.tok_embeddings(tokens)  # (B, T, d)
+        cos_sin = self.rope_cos_sin[:T]
+        for layer in self.layers:
+            h = layer(h, cos_sin)
+        return self.output(self.norm(h)).float()
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Adopt a Meta-named state dict (tensors are used as given: no copy when dtype matches).
+
+        Names and shapes are checked first so a bad checkpoint gives one line naming the tensor.
+        """
+        sd = dict(state_dict)
+        if self.args.tie_embeddings:
+            sd.setdefault("output.weight", sd.get("tok_embeddings.weight"))
+        expected = self.state_dict(keep_vars=True)
+        missing = [k for k in expected if sd.get(k) is None]
+        if missing:
+            more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise ValueError(f"{source}: missing tensor(s) {', '.join(missing[:3])}{more}")
+        unexpected = sorted(set(sd) - set(expected))
+        if unexpected:
+            raise ValueError(f"{source}: unexpected tensor(s) {', '.join(unexpected[:3])}")
+        for k, p in expected.items():
+            if tuple(sd[k].shape) != tuple(p.shape):
+                raise ValueError(
+                    f"{source}: tensor {k} has shape {tuple(sd[k].shape)}, the model args imply {tuple(p.shape)}"
+                )
+        self.load_state_dict(sd, assign=True)
+        if self.args.tie_embeddings:  # assign=True replaced both parameters; tie them again
+            self.output.weight = self.tok_embeddings.weight
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike[str] = "default",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        **overrides: Any,
+    ) -> Llama:
+        """Load "default" (SmolLM2-135M-Instruct), a Meta dir, an HF dir or a .gguf file.
+
+        `overrides` replace ModelArgs fields (e.g. max_seq_len=4096). Returns the model in eval
+        mode with `.tokenizer` and `.args`.
+        """
+        from weights import load_checkpoint
+
+        ckpt = load_checkpoint(source)
+        args = ckpt.args
+        if overrides:
+            args = ModelArgs.from_dict({**args.to_dict(), **overrides})
+        with torch.device("meta"):
+            model = cls(args)
+        sd = {k: v.to(device=device, dtype=dtype) for k, v in ckpt.state_dict.items()}
+        model.load_weights(sd, source=str(ckpt.path))
+        model.setup_rope(device)
+        model.tokenizer = ckpt.tokenizer
+        return model.eval()

@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="parallama",
+    version="0.1.0",
+    description="A minimal LLaMA in PyTorch with PARA adapters fused into Triton kernels",
+    python_requires=">=3.10",
+    packages=find_packages(include=["model*", "kernels*", "weights*", "infer*", "train*"]),
+    install_requires=[
+        # On a CPU machine install torch==2.13.0 first (`make` does): an unpinned torch would pull
+        # the multi-GB CUDA build, and an installed 2.13.0 satisfies this range.
+        "torch>=2.5",
+        "triton>=3.2",
+        "safetensors>=0.4",
+        "numpy>=1.26",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.20",
+        "tiktoken>=0.7",
+        "gguf>=0.10",
+        "jinja2>=3.1",  # chat templates shipped in GGUF/HF metadata are Jinja
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # test oracles and benchmark peers; never imported by the packages above
+        "dev": ["pytest>=8", "hypothesis>=6", "transformers>=4.46", "peft>=0.13", "accelerate>=1.0", "ruff>=0.6"],
+    },
+)

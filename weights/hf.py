@@ -1,0 +1,139 @@
+"""Hugging Face format: config.json + model.safetensors (or shards listed in model.safetensors.index.json).
+
+HF's conversion script permutes wq/wk rows so its rotate-half RoPE matches Meta's interleaved pairs;
+we apply the inverse permutation to get Meta's layout back (wk with n_kv_heads, not n_heads).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from model.args import ModelArgs
+from weights.common import Checkpoint, CheckpointError, require
+
+_LAYER_NAMES = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.up_proj": "feed_forward.w3",
+    "mlp.down_proj": "feed_forward.w2",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight$")
+
+
+def unpermute_rotary(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Inverse of HF's `permute` (rotate-half layout → Meta's interleaved pairs), per head."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def args_from_config(cfg: dict, path: Path) -> ModelArgs:
+    model_type = cfg.get("model_type", "llama")
+    if model_type != "llama":
+        raise CheckpointError(f"{path}: model_type '{model_type}' is not supported (only 'llama')")
+    # transformers ≥5 nests rope settings under rope_parameters; older configs use rope_scaling.
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise CheckpointError(f"{path}: rope type '{rope_type}' is not supported (default, llama3)")
+    try:
+        return ModelArgs(
+            dim=int(require(cfg, "hidden_size", path)),
+            n_layers=int(require(cfg, "num_hidden_layers", path)),
+            n_heads=int(require(cfg, "num_attention_heads", path)),
+            n_kv_heads=cfg.get("num_key_value_heads"),
+            vocab_size=int(require(cfg, "vocab_size", path)),
+            hidden_dim=int(require(cfg, "intermediate_size", path)),
+            head_dim=cfg.get("head_dim"),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            use_scaled_rope=rope_type == "llama3",
+            rope_scale_factor=float(rope.get("factor", 8.0)),
+            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            rope_original_max_seq_len=int(rope.get("original_max_position_embeddings", 8192)),
+            max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _safetensors_files(d: Path) -> list[Path]:
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e})") from None
+        files = [d / f for f in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{index}: lists {f.name}, which is missing")
+        return files
+    single = d / "model.safetensors"
+    if not single.exists():
+        raise CheckpointError(f"{d}: no model.safetensors or model.safetensors.index.json")
+    return [single]
+
+
+def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as st:
+                for k in st.keys():
+                    out[k] = st.get_tensor(k)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+    return out
+
+
+def to_meta_names(hf: dict[str, torch.Tensor], args: ModelArgs, source: Path) -> dict[str, torch.Tensor]:
+    sd = {}
+    for name, t in hf.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # a derived buffer some old exports saved
+        if name in _TOP_NAMES:
+            sd[_TOP_NAMES[name]] = t
+            continue
+        m = _LAYER_RE.match(name)
+        if not m or m.group(2) not in _LAYER_NAMES:
+            raise CheckpointError(f"{source}: unexpected tensor {name}")
+        meta = f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
+        if m.group(2) == "self_attn.q_proj":
+            t = unpermute_rotary(t, args.n_heads, args.head_dim)
+        elif m.group(2) == "self_attn.k_proj":
+            t = unpermute_rotary(t, args.n_kv_heads, args.head_dim)
+        sd[meta] = t
+    if args.tie_embeddings:
+        sd.pop("output.weight", None)  # some exports save the tied head too
+    return sd
+
+
+def load_hf(directory: str | Path) -> Checkpoint:
+    from weights.tokenizer import HFTokenizer
+
+    d = Path(directory)
+    cfg_path = d / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: cannot read ({e})") from None
+    args = args_from_config(cfg, cfg_path)
+    sd = to_meta_names(read_safetensors(_safetensors_files(d)), args, d)
+    has_tokenizer = (d / "tokenizer.json").exists() or (d / "tokenizer.model").exists()
+    tokenizer = HFTokenizer.from_dir(d) if has_tokenizer else None  # weights alone are still usable by id
+    return Checkpoint(args=args, state_dict=sd, tokenizer=tokenizer, path=d)
