@@ -108,3 +108,47 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Scatter new K/V rows into the paged pool. caches: (N, bs, H_kv, hd); slots, k, v: (M,), (M, H_kv, hd)."""
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k.to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v.to(v_cache.dtype)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    positions: torch.Tensor,
+    row_to_seq: torch.Tensor,
+    row_index: torch.Tensor,
+    max_rows: int,
+) -> torch.Tensor:
+    """Causal attention of packed query rows over each sequence's paged K/V.
+
+    q: (M, H, hd) rows of S sequences (row m is token `row_index[m]` of this step for sequence
+    `row_to_seq[m]`, at absolute position `positions[m]`); caches (N, bs, H_kv, hd) already hold
+    this step's K/V; block_tables (S, nb); seq_lens (S,) context length per sequence.
+    Query heads are grouped per KV head, so GQA never materialises repeated K/V.
+    """
+    M, H, hd = q.shape
+    S = block_tables.shape[0]
+    n_kv = k_cache.shape[2]
+    g = H // n_kv
+    k = k_cache[block_tables].flatten(1, 2)  # (S, L, H_kv, hd)
+    v = v_cache[block_tables].flatten(1, 2)
+    L = k.shape[1]
+    qp = q.new_zeros(S, max_rows, H, hd)
+    qp[row_to_seq, row_index] = q
+    qpos = torch.full((S, max_rows), -1, dtype=torch.long, device=q.device)
+    qpos[row_to_seq, row_index] = positions
+    key = torch.arange(L, device=q.device)
+    mask = (key <= qpos[:, :, None]) & (key < seq_lens[:, None, None])  # (S, Tq, L)
+    qg = qp.view(S, max_rows, n_kv, g, hd).permute(0, 2, 3, 1, 4).reshape(S, n_kv, g * max_rows, hd)
+    mask = mask[:, None, None].expand(S, 1, g, max_rows, L).reshape(S, 1, g * max_rows, L)
+    out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    out = out.view(S, n_kv, g, max_rows, hd).permute(0, 3, 1, 2, 4).reshape(S, max_rows, H, hd)
+    return out[row_to_seq, row_index]  # padded rows (all keys masked) are dropped here

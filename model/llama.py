@@ -6,6 +6,7 @@ Shapes: B batch, T tokens, d model width, H / H_kv query / key-value heads, hd h
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,6 +17,24 @@ from model.args import ModelArgs
 
 if TYPE_CHECKING:
     from weights.tokenizer import Tokenizer
+
+
+@dataclass
+class StepBatch:
+    """One cached step over the packed rows of S sequences: prefill chunks, decode rows, or both.
+
+    Row m is the `row_index[m]`-th new token of sequence `row_to_seq[m]`, at absolute position
+    `positions[m]`; its K/V go to cache slot `slots[m]` (block * block_size + offset).
+    """
+
+    positions: torch.Tensor  # (M,)
+    row_to_seq: torch.Tensor  # (M,)
+    row_index: torch.Tensor  # (M,)
+    slots: torch.Tensor  # (M,)
+    block_tables: torch.Tensor  # (S, max_blocks), padded with any valid block id
+    seq_lens: torch.Tensor  # (S,) context length after this step's writes
+    max_rows: int  # most new rows any sequence has in this step (1 for pure decode)
+    logit_rows: torch.Tensor | None = None  # rows whose logits are returned (None: all)
 
 
 class RMSNorm(nn.Module):
@@ -37,14 +56,29 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.kv_dim, bias=False)
         self.wo = nn.Linear(args.q_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, hd)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, hd)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos_sin: torch.Tensor,
+        step: StepBatch | None = None,
+        k_cache: torch.Tensor | None = None,
+        v_cache: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (B, T, d) without a cache, or packed rows (M, d) with `step` and this layer's caches."""
+        lead = x.shape[:-1]
+        q = self.wq(x).view(*lead, self.n_heads, self.head_dim)  # (B, T, H, hd) | (M, H, hd)
+        k = self.wk(x).view(*lead, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, hd) | (M, H_kv, hd)
+        v = self.wv(x).view(*lead, self.n_kv_heads, self.head_dim)
         q, k = ops.rope(q, cos_sin), ops.rope(k, cos_sin)
-        out = ops.attention(q, k, v, causal=True)  # (B, T, H, hd)
-        return self.wo(out.reshape(B, T, -1))
+        if step is None:
+            out = ops.attention(q, k, v, causal=True)
+        else:
+            ops.write_kv(k_cache, v_cache, step.slots, k, v)
+            out = ops.paged_attention(
+                q, k_cache, v_cache, step.block_tables, step.seq_lens,
+                step.positions, step.row_to_seq, step.row_index, step.max_rows,
+            )  # fmt: skip
+        return self.wo(out.reshape(*lead, -1))
 
 
 class FeedForward(nn.Module):
@@ -68,8 +102,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos_sin)
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, *cache_args: Any) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos_sin, *cache_args)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -119,6 +153,22 @@ class Llama(nn.Module):
         cos_sin = self.rope_cos_sin[:T]
         for layer in self.layers:
             h = layer(h, cos_sin)
+        return self.output(self.norm(h)).float()
+
+    def forward_step(
+        self, tokens: torch.Tensor, step: StepBatch, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """One cached step over packed rows: writes their K/V into the paged pool and attends.
+
+        tokens: (M,); k_cache, v_cache: (n_layers, num_blocks, block_size, H_kv, hd).
+        Returns float32 logits for `step.logit_rows` (all rows when None): (R, vocab).
+        """
+        h = self.tok_embeddings(tokens)  # (M, d)
+        cos_sin = self.rope_cos_sin[step.positions]  # (M, hd/2, 2)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos_sin, step, k_cache[i], v_cache[i])
+        if step.logit_rows is not None:
+            h = h[step.logit_rows]
         return self.output(self.norm(h)).float()
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
