@@ -1,7 +1,7 @@
 """Command-line generation: `python -m infer.generate --model default --prompt "..." [--chat]`.
 
-This is the simple reference loop (a full no-cache forward per token); the paged-cache engine
-replaces it without changing the command line.
+Several --prompt are batched together in one engine. One prompt streams to the terminal as it is
+generated; several are printed as each finishes. --json prints one object per prompt.
 """
 
 from __future__ import annotations
@@ -9,82 +9,72 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
 
-import torch
-
-from model import Llama
+from infer.engine import Engine
+from infer.sampling import SamplingParams
 
 
-@torch.inference_mode()
-def generate_tokens(
-    model: Llama,
-    prompt_ids: list[int],
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    seed: int | None = None,
-    stop_ids: frozenset[int] = frozenset(),
-) -> Iterator[int]:
-    """Yield new token ids one at a time: greedy at temperature 0, else softmax sampling."""
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=model.tok_embeddings.weight.device)
-    for _ in range(max_new_tokens):
-        logits = model(ids)[0, -1]  # (vocab,)
-        if temperature > 0:
-            probs = torch.softmax(logits / temperature, dim=-1).cpu()
-            nxt = int(torch.multinomial(probs, 1, generator=gen))
-        else:
-            nxt = int(logits.argmax())
-        yield nxt
-        if nxt in stop_ids:
-            return
-        ids = torch.cat([ids, ids.new_tensor([[nxt]])], dim=1)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default", help="'default', a .gguf file, a Meta or an HF directory")
+    p.add_argument("--prompt", action="append", required=True, help="may be given several times (batched)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--beams", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (may be repeated)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="default", help="'default', a .gguf file, a Meta or an HF directory")
-    p.add_argument("--prompt", action="append", required=True, help="may be given several times")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    a = p.parse_args(argv)
-    if a.max_new_tokens < 1:
-        p.error("--max-new-tokens must be >= 1")
-    if a.temperature < 0:
-        p.error("--temperature must be >= 0")
+    a = build_parser().parse_args(argv)
+    try:
+        params = SamplingParams(
+            max_new_tokens=a.max_new_tokens,
+            temperature=a.temperature,
+            top_k=a.top_k,
+            top_p=a.top_p,
+            beams=a.beams,
+            seed=a.seed,
+            stop=tuple(a.stop),
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from model import Llama  # after argument checks: bad flags answer at once
+
     try:
         model = Llama.from_pretrained(a.model)
+        if model.tokenizer is None:
+            raise ValueError(f"{a.model} has no tokenizer; text prompts need one")
+        engine = Engine(model)
+        tok = model.tokenizer
+        prompts = [tok.encode_chat([{"role": "user", "content": p}]) if a.chat else p for p in a.prompt]
+        reqs = [engine.add_request(p, params) for p in prompts]
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tok = model.tokenizer
-    if tok is None:
-        print(f"error: {a.model} has no tokenizer; text prompts need one", file=sys.stderr)
-        return 2
-    for prompt in a.prompt:
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if a.chat else prompt
-        ids = tok.encode(text)
-        if len(ids) + a.max_new_tokens > model.args.max_seq_len:
-            print(f"error: prompt of {len(ids)} tokens + {a.max_new_tokens} new exceeds the context "
-                  f"({model.args.max_seq_len})", file=sys.stderr)
-            return 2
-        out: list[int] = []
-        shown = ""
-        for t in generate_tokens(model, ids, a.max_new_tokens, a.temperature, a.seed, tok.stop_ids):
-            out.append(t)
-            if not a.json:
-                text_so_far = tok.decode([i for i in out if i not in tok.stop_ids])
-                if not text_so_far.endswith("\ufffd"):  # hold back a partial UTF-8 character
-                    print(text_so_far[len(shown):], end="", flush=True)
-                    shown = text_so_far
-        if a.json:
-            body = tok.decode([i for i in out if i not in tok.stop_ids])
-            print(json.dumps({"prompt_ids": ids, "output_ids": out, "text": body}))
-        else:
-            print()
+
+    if len(reqs) == 1 and not a.json:
+        for piece in engine.stream_request(reqs[0]):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    shown = set()
+    while engine.has_unfinished():
+        engine.step()
+        for i, r in enumerate(reqs):
+            if r.finished and i not in shown:
+                shown.add(i)
+                if not a.json:
+                    print(f"[{i}] {r.text}", flush=True)
+    if a.json:
+        for r in reqs:
+            print(json.dumps({"prompt_ids": r.prompt_ids, "output_ids": r.output_ids, "text": r.text}))
     return 0
 
 

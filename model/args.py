@@ -43,9 +43,7 @@ class ModelArgs:
         if self.head_dim % 2:
             raise ValueError(f"ModelArgs: head_dim={self.head_dim} must be even for RoPE")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"ModelArgs: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
-            )
+            raise ValueError(f"ModelArgs: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelArgs: {name}={getattr(self, name)} must be positive")

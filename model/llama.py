@@ -125,7 +125,9 @@ class Llama(nn.Module):
         a = self.args
         device = device or self.tok_embeddings.weight.device
         if torch.device(device).type == "meta":  # built under torch.device("meta"): from_pretrained fills it
-            self.register_buffer("rope_cos_sin", torch.empty(a.max_seq_len, a.head_dim // 2, 2, device="meta"), persistent=False)
+            self.register_buffer(
+                "rope_cos_sin", torch.empty(a.max_seq_len, a.head_dim // 2, 2, device="meta"), persistent=False
+            )
             return
         inv_freq = ops.rope_frequencies(
             a.head_dim,

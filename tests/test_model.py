@@ -96,7 +96,9 @@ def test_attention_gqa_matches_explicit_softmax(h, h_kv):
 
 def _tiny(seed=0, **kw):
     torch.manual_seed(seed)
-    args = ModelArgs(**{"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 97, "max_seq_len": 64, **kw})
+    args = ModelArgs(
+        **{"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 97, "max_seq_len": 64, **kw}
+    )
     model = Llama(args).eval()
     with torch.no_grad():  # N(0, 1) embeddings would saturate a 2-layer toy; keep activations tame
         model.tok_embeddings.weight.normal_(0, 0.1)

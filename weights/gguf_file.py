@@ -28,7 +28,11 @@ _LAYER_NAMES = {
     "attn_norm": "attention_norm",
     "ffn_norm": "ffn_norm",
 }
-_TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight", "output.weight": "output.weight"}
+_TOP_NAMES = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
 
 
 def _open(path: Path):
@@ -123,5 +127,8 @@ def load_gguf(path: str | Path) -> Checkpoint:
         if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _LAYER_NAMES:
             raise CheckpointError(f"{path}: unexpected tensor {name}")
         sd[f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"] = t
-    tokenizer = HFTokenizer.from_gguf_metadata(meta) if "tokenizer.ggml.model" in meta else None
+    try:
+        tokenizer = HFTokenizer.from_gguf_metadata(meta) if "tokenizer.ggml.model" in meta else None
+    except ValueError as e:  # names the metadata field, not the file
+        raise CheckpointError(f"{path}: {e}") from None
     return Checkpoint(args=args, state_dict=sd, tokenizer=tokenizer, path=path)

@@ -27,7 +27,11 @@ _LAYER_NAMES = {
     "input_layernorm": "attention_norm",
     "post_attention_layernorm": "ffn_norm",
 }
-_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
+_TOP_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight$")
 
 
@@ -135,5 +139,8 @@ def load_hf(directory: str | Path) -> Checkpoint:
     args = args_from_config(cfg, cfg_path)
     sd = to_meta_names(read_safetensors(_safetensors_files(d)), args, d)
     has_tokenizer = (d / "tokenizer.json").exists() or (d / "tokenizer.model").exists()
-    tokenizer = HFTokenizer.from_dir(d) if has_tokenizer else None  # weights alone are still usable by id
+    try:
+        tokenizer = HFTokenizer.from_dir(d) if has_tokenizer else None  # weights alone are still usable by id
+    except ValueError as e:  # already one line naming the file
+        raise CheckpointError(str(e)) from None
     return Checkpoint(args=args, state_dict=sd, tokenizer=tokenizer, path=d)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -49,16 +50,26 @@ def args_from_params(params: dict, path: Path, vocab_size: int) -> ModelArgs:
         raise CheckpointError(f"{path}: {e}") from None
 
 
+# Lines of torch's weights_only error that say nothing about the file (the first even advises weights_only=False).
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _reason(e: Exception) -> str:
+    """The informative line of a torch.load error (e.g. "Trying to load unsupported GLOBAL posix.system ...")."""
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    useful = [s for s in lines if not s.startswith(_TORCH_BOILERPLATE)]
+    return (useful or lines or [type(e).__name__])[0]
+
+
 def _load_shard(path: Path) -> dict[str, torch.Tensor]:
     try:
-        # weights_only refuses pickled code; mmap keeps a 13 GB shard out of RAM until used.
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # weights_only refuses pickled code; mmap keeps a 13 GB shard out of RAM until used, but only
+        # the zip format (torch >= 1.6) can be mmapped: legacy files are read whole.
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused to unpickle (weights_only=True): {first}") from None
+        raise CheckpointError(f"{path}: refused to unpickle (weights_only=True): {_reason(e)}") from None
     except (RuntimeError, OSError, EOFError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_reason(e)})") from None
     if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors")
     return sd
@@ -105,7 +116,10 @@ def load_meta(directory: str | Path) -> Checkpoint:
     tok_path = d / "tokenizer.model"
     if not tok_path.exists():
         raise CheckpointError(f"{tok_path}: missing (a Meta checkpoint ships its tokenizer.model)")
-    tokenizer = load_tokenizer_model(tok_path)
+    try:
+        tokenizer = load_tokenizer_model(tok_path)
+    except ValueError as e:  # already one line naming the file
+        raise CheckpointError(str(e)) from None
     args = args_from_params(params, params_path, tokenizer.vocab_size)
 
     paths = sorted(d.glob("consolidated.*.pth"))
@@ -118,8 +132,7 @@ def load_meta(directory: str | Path) -> Checkpoint:
     sd = _merge_shards(shards, paths, args.dim)
     # Llama 3.2 1B/3B tie the output head to the embedding and ship no output.weight.
     args.tie_embeddings = "output.weight" not in sd
-    if "tok_embeddings.weight" in sd and sd["tok_embeddings.weight"].shape[0] != args.vocab_size:
-        raise CheckpointError(
-            f"{params_path}: vocab_size {args.vocab_size} but tok_embeddings has {sd['tok_embeddings.weight'].shape[0]} rows"
-        )
+    rows = sd["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in sd else args.vocab_size
+    if rows != args.vocab_size:
+        raise CheckpointError(f"{params_path}: vocab_size {args.vocab_size} but tok_embeddings has {rows} rows")
     return Checkpoint(args=args, state_dict=sd, tokenizer=tokenizer, path=d)

@@ -1,0 +1,337 @@
+"""Continuous-batching engine over the paged KV cache.
+
+One request's path: tokens → Request (its sequences, sampling params, adapter) → admitted when its
+prompt's blocks fit → prefill (one packed step for every admitted prompt) → sample → decode steps
+(one row per running sequence) → stop checks → blocks freed → text. When the pool runs dry the
+youngest request is preempted (blocks freed, recomputed later from its tokens), so a request that
+fits the pool alone always finishes and no other sequence is ever touched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import count
+
+import torch
+
+from infer.beam import BeamSearch
+from infer.cache import BlockTable, CacheFullError, PagedKVCache
+from infer.sampling import SamplingParams, sample_token
+from model import Llama
+
+
+@dataclass
+class GenerationOutput:
+    prompt_ids: list[int]
+    token_ids: list[int]  # new tokens, a final stop token included
+    text: str  # new text, stop tokens left out and cut before a stop string
+    finish_reason: str  # "stop" (eos or stop string) or "length"
+
+
+@dataclass
+class SeqState:
+    """One row of the batch: its tokens (the last one not yet in the cache) and its blocks."""
+
+    tokens: list[int]
+    table: BlockTable = field(default_factory=BlockTable)
+    score: float = 0.0  # beam search: accumulated log-probability
+
+
+class Request:
+    """Everything one request carries through the engine; per-row data lives in its SeqStates."""
+
+    def __init__(self, rid: int, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
+        self.id = rid
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.adapter = adapter
+        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.output_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.text = ""
+        self.restart()
+
+    def restart(self) -> None:
+        """(Re)start from the prompt and what was generated; beam search starts over (it is deterministic)."""
+        if self.params.beams > 1:
+            self.output_ids = []
+            self.beam: BeamSearch | None = None
+        self.seqs = [SeqState(self.prompt_ids + self.output_ids)]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def _free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Llama,
+        *,
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        memory_fraction: float = 0.05,
+        max_batch: int = 32,
+    ) -> None:
+        """`num_blocks` sizes the KV pool directly; otherwise it takes `memory_fraction` of free memory
+        (capped at what `max_batch` full-length sequences could use). Allocated once, here."""
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.max_batch = max_batch
+        args = model.args
+        weight = model.tok_embeddings.weight
+        if num_blocks is None:
+            budget = int(_free_memory_bytes(weight.device) * memory_fraction)
+            num_blocks = PagedKVCache.blocks_for_budget(args, block_size, budget, weight.dtype)
+            num_blocks = min(num_blocks, max_batch * math.ceil(args.max_seq_len / block_size))
+        self.cache = PagedKVCache(args, num_blocks, block_size, dtype=weight.dtype, device=weight.device)
+        self.adapters: dict[str, object] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._ids = count()
+
+    # ---- submission ----------------------------------------------------------------------------
+    def _encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompts as token-id lists")
+            return self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.model.args.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt token id {bad[0]} is outside the vocabulary (0..{self.model.args.vocab_size - 1})"
+            )
+        return ids
+
+    def add_request(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, adapter: str | None = None
+    ) -> Request:
+        params = params or SamplingParams()
+        ids = self._encode(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        limit = self.model.args.max_seq_len
+        if len(ids) + params.max_new_tokens > limit:
+            raise ValueError(
+                f"prompt of {len(ids)} tokens + max_new_tokens {params.max_new_tokens} exceeds the context ({limit})"
+            )
+        need = math.ceil((len(ids) + params.max_new_tokens) / self.cache.block_size) * params.beams
+        if need > self.cache.num_blocks:
+            raise ValueError(
+                f"the KV pool ({self.cache.num_blocks} blocks of {self.cache.block_size}) cannot hold this request "
+                f"({need} blocks); raise num_blocks or memory_fraction"
+            )
+        if adapter is not None and adapter not in self.adapters:
+            raise ValueError(f"no adapter named {adapter!r} is registered")
+        req = Request(next(self._ids), ids, params, adapter)
+        self.waiting.append(req)
+        return req
+
+    # ---- the loop --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Request]:
+        """Admit what fits and prefill it, then one decode step for every running sequence.
+        Returns the requests that finished in this step."""
+        finished = self._prefill(self._admit())
+        finished += self._decode()
+        return finished
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _admit(self) -> list[Request]:
+        admitted = []
+        free = self.cache.allocator.num_free - sum(len(r.seqs) for r in self.running)  # a block of growth each
+        n_rows = sum(len(r.seqs) for r in self.running)
+        while self.waiting and n_rows + self.waiting[0].params.beams <= self.max_batch:
+            need = math.ceil(len(self.waiting[0].seqs[0].tokens) / self.cache.block_size)
+            if need > free and (self.running or admitted):
+                break  # wait for blocks; an empty engine admits anyway (the request fits the pool by check)
+            req = self.waiting.popleft()
+            free -= need
+            n_rows += req.params.beams
+            admitted.append(req)
+            self.running.append(req)
+        return admitted
+
+    def _prefill(self, reqs: list[Request]) -> list[Request]:
+        if not reqs:
+            return []
+        seqs = [r.seqs[0] for r in reqs]
+        step = self.cache.prepare_step([s.table for s in seqs], [len(s.tokens) for s in seqs])
+        tokens = torch.tensor([t for s in seqs for t in s.tokens], device=self.cache.k.device)
+        logits = self.model.forward_step(tokens, step, self.cache.k, self.cache.v)  # (R, vocab)
+        return [r for i, r in enumerate(reqs) if self._advance(r, logits[i : i + 1])]
+
+    def _decode(self) -> list[Request]:
+        while True:
+            live = [r for r in self.running if not r.finished]
+            if not live:
+                return []
+            seqs = [s for r in live for s in r.seqs]
+            try:
+                step = self.cache.prepare_step([s.table for s in seqs], [1] * len(seqs))
+                break
+            except CacheFullError:
+                if len(live) == 1:
+                    raise RuntimeError("KV pool exhausted by a single request (admission check failed)") from None
+                self._preempt(live[-1])
+        tokens = torch.tensor([s.tokens[-1] for s in seqs], device=self.cache.k.device)
+        logits = self.model.forward_step(tokens, step, self.cache.k, self.cache.v)  # (rows, vocab)
+        done, row = [], 0
+        for r in live:
+            n = len(r.seqs)
+            if self._advance(r, logits[row : row + n]):
+                done.append(r)
+            row += n
+        return done
+
+    def _preempt(self, req: Request) -> None:
+        for s in req.seqs:
+            self.cache.free(s.table)
+        req.restart()
+        self.running.remove(req)
+        self.waiting.appendleft(req)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finish_reason = reason
+        for s in req.seqs:
+            self.cache.free(s.table)
+        self.running.remove(req)
+
+    def _stop_ids(self, req: Request) -> frozenset[int]:
+        if req.params.ignore_eos or self.tokenizer is None:
+            return frozenset()
+        return self.tokenizer.stop_ids
+
+    def _advance(self, req: Request, logits: torch.Tensor) -> bool:
+        """Consume this step's logits for the request's rows; True when the request finished."""
+        p = req.params
+        if p.beams > 1:
+            return self._advance_beams(req, logits)
+        tok = sample_token(logits[0], p, req.generator)
+        req.output_ids.append(tok)
+        req.seqs[0].tokens.append(tok)
+        stop_ids = self._stop_ids(req)
+        reason = "stop" if tok in stop_ids else "length" if len(req.output_ids) >= p.max_new_tokens else None
+        text, hit = self._cut_at_stop(req, stop_ids) if p.stop else (None, False)
+        if hit:
+            reason = "stop"
+        if reason is None:
+            return False
+        req.text = text if text is not None else self._text(req.output_ids, stop_ids)
+        self._finish(req, reason)
+        return True
+
+    def _cut_at_stop(self, req: Request, stop_ids: frozenset[int]) -> tuple[str, bool]:
+        """The request's text cut before the first stop string, and whether one was found."""
+        text = self._text(req.output_ids, stop_ids)
+        cut = min((i for i in (text.find(s) for s in req.params.stop) if i >= 0), default=-1)
+        return (text[:cut], True) if cut >= 0 else (text, False)
+
+    def _advance_beams(self, req: Request, logits: torch.Tensor) -> bool:
+        p = req.params
+        if req.beam is None:
+            req.beam = BeamSearch(p.beams, p.max_new_tokens, p.length_penalty, p.early_stopping, self._stop_ids(req))
+        plen = len(req.prompt_ids)
+        choices = req.beam.step(
+            [s.tokens[plen:] for s in req.seqs], torch.tensor([s.score for s in req.seqs]), logits.log_softmax(-1)
+        )
+        if choices is None:
+            req.output_ids = req.beam.best()
+            stop_ids = self._stop_ids(req)
+            req.text, hit = self._cut_at_stop(req, stop_ids)
+            ended = hit or (req.output_ids and req.output_ids[-1] in stop_ids)
+            self._finish(req, "stop" if ended else "length")
+            return True
+        old = req.seqs
+        # children share their parent's blocks; the first write into a shared block copies it
+        req.seqs = [SeqState(old[i].tokens + [t], self.cache.fork(old[i].table), score) for i, t, score in choices]
+        for s in old:
+            self.cache.free(s.table)
+        return False
+
+    def _text(self, ids: list[int], stop_ids: frozenset[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode([t for t in ids if t not in stop_ids])
+
+    # ---- front doors -------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        adapters: Sequence[str | None] | None = None,
+    ) -> list[GenerationOutput]:
+        """Generate for every prompt (batched continuously); one output per prompt, in order."""
+        if isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        n = len(prompts)
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * n
+        alist = list(adapters) if adapters is not None else [None] * n
+        if len(plist) != n or len(alist) != n:
+            raise ValueError(f"{n} prompts but {len(plist)} params and {len(alist)} adapters")
+        reqs = [self.add_request(pr, pa, ad) for pr, pa, ad in zip(prompts, plist, alist)]
+        while not all(r.finished for r in reqs):
+            self.step()
+        return [GenerationOutput(r.prompt_ids, r.output_ids, r.text, r.finish_reason) for r in reqs]
+
+    def stream(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, adapter: str | None = None
+    ) -> Iterator[str]:
+        """Yield the new text as it is produced; a piece never ends inside a UTF-8 character.
+        The request is checked and queued at once; other requests progress while it is consumed."""
+        return self.stream_request(self.add_request(prompt, params, adapter))
+
+    def stream_request(self, req: Request) -> Iterator[str]:
+        detok = IncrementalDetokenizer(self.tokenizer, self._stop_ids(req))
+        sent = 0
+        while not req.finished:
+            self.step()
+            if req.params.beams > 1:
+                continue  # beams are only final at the end
+            for tok in req.output_ids[sent:]:
+                piece = detok.add(tok)
+                if piece:
+                    yield piece
+            sent = len(req.output_ids)
+        shown = detok.text
+        if req.text.startswith(shown) and len(req.text) > len(shown):
+            yield req.text[len(shown) :]  # beam output, or a held-back tail
+
+
+class IncrementalDetokenizer:
+    """Text deltas from a growing id list, O(1) ids decoded per token: decode a short window with a
+    little left context and emit only what is new and complete (no trailing U+FFFD)."""
+
+    def __init__(self, tokenizer, skip: frozenset[int] = frozenset()) -> None:
+        self.tok = tokenizer
+        self.skip = skip
+        self.ids: list[int] = []
+        self.prefix = 0  # window start: context so a leading-space rule sees its left neighbour
+        self.read = 0  # ids before this are already shown
+        self.text = ""
+
+    def add(self, tok: int) -> str:
+        if tok in self.skip:
+            return ""
+        self.ids.append(tok)
+        before = self.tok.decode(self.ids[self.prefix : self.read])
+        now = self.tok.decode(self.ids[self.prefix :])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        piece = now[len(before) :]
+        self.prefix, self.read = self.read, len(self.ids)
+        self.text += piece
+        return piece
