@@ -53,13 +53,14 @@ class Request:
         self.output_ids: list[int] = []
         self.finish_reason: str | None = None
         self.text = ""
+        self.beam: BeamSearch | None = None
         self.restart()
 
     def restart(self) -> None:
         """(Re)start from the prompt and what was generated; beam search starts over (it is deterministic)."""
         if self.params.beams > 1:
             self.output_ids = []
-            self.beam: BeamSearch | None = None
+            self.beam = None
         self.seqs = [SeqState(self.prompt_ids + self.output_ids)]
 
     @property
@@ -99,6 +100,8 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = count()
+        self.num_preemptions = 0
+        self.peak_blocks_used = 0
 
     # ---- submission ----------------------------------------------------------------------------
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -144,7 +147,10 @@ class Engine:
         """Admit what fits and prefill it, then one decode step for every running sequence.
         Returns the requests that finished in this step."""
         finished = self._prefill(self._admit())
+        used_before_retire = self.cache.num_blocks - self.cache.allocator.num_free
         finished += self._decode()
+        used = max(used_before_retire, self.cache.num_blocks - self.cache.allocator.num_free)
+        self.peak_blocks_used = max(self.peak_blocks_used, used)
         return finished
 
     def has_unfinished(self) -> bool:
@@ -198,6 +204,7 @@ class Engine:
         return done
 
     def _preempt(self, req: Request) -> None:
+        self.num_preemptions += 1
         for s in req.seqs:
             self.cache.free(s.table)
         req.restart()
@@ -296,19 +303,22 @@ class Engine:
 
     def stream_request(self, req: Request) -> Iterator[str]:
         detok = IncrementalDetokenizer(self.tokenizer, self._stop_ids(req))
-        sent = 0
+        # hold back what could be the start of a stop string until it is decided
+        hold = max((len(s) for s in req.params.stop), default=1) - 1
+        consumed = emitted = 0
         while not req.finished:
             self.step()
-            if req.params.beams > 1:
-                continue  # beams are only final at the end
-            for tok in req.output_ids[sent:]:
-                piece = detok.add(tok)
-                if piece:
-                    yield piece
-            sent = len(req.output_ids)
-        shown = detok.text
-        if req.text.startswith(shown) and len(req.text) > len(shown):
-            yield req.text[len(shown) :]  # beam output, or a held-back tail
+            if req.params.beams > 1 or req.finished:
+                continue  # beams are final only at the end; a finished request's text is authoritative
+            for tok in req.output_ids[consumed:]:
+                detok.add(tok)
+            consumed = len(req.output_ids)
+            safe = len(detok.text) - hold
+            if safe > emitted:
+                yield detok.text[emitted:safe]
+                emitted = safe
+        if len(req.text) > emitted:
+            yield req.text[emitted:]
 
 
 class IncrementalDetokenizer:

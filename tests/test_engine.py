@@ -71,10 +71,18 @@ def test_stop_string_cuts_text(engine):
     assert cut.text == full.text[: full.text.index(" 7")] and cut.finish_reason == "stop"
 
 
-def test_stream_pieces_join_to_the_generated_text(engine):
-    params = SamplingParams(max_new_tokens=16)
-    pieces = list(engine.stream(PROMPTS[1], params))
-    assert len(pieces) > 3 and "".join(pieces) == engine.generate(PROMPTS[1], params)[0].text
+@pytest.mark.parametrize(
+    "prompt, params",
+    [
+        (PROMPTS[1], SamplingParams(max_new_tokens=16)),
+        (PROMPTS[3], SamplingParams(max_new_tokens=12, stop=(" 7",))),  # never shows a stop string's start
+        (PROMPTS[0], SamplingParams(max_new_tokens=8, beams=2)),
+    ],
+)
+def test_stream_pieces_join_to_the_generated_text(engine, prompt, params):
+    pieces = list(engine.stream(prompt, params))
+    assert "".join(pieces) == engine.generate(prompt, params)[0].text
+    assert len(pieces) > (0 if params.beams > 1 else 3)
 
 
 def test_incremental_detokenizer_never_splits_a_character(smollm2):
@@ -183,3 +191,20 @@ def test_random_workloads_free_every_block_and_match_solo_runs(tiny, work, num_b
     for p, sp, out in zip(prompts, params, outs):
         assert out.token_ids == solo.generate(p, sp)[0].token_ids
         assert len(out.token_ids) <= sp.max_new_tokens
+
+
+def test_preemption_recomputes_without_corrupting_others(tiny):
+    """Four long greedy requests in a pool that holds about two: the youngest get preempted."""
+    prompts = [[(7 * i + j) % 49 + 1 for j in range(10)] for i in range(4)]
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    eng = Engine(tiny, num_blocks=22, block_size=4)
+    outs = eng.generate(prompts, params)
+    assert eng.num_preemptions > 0
+    assert eng.cache.allocator.num_free == 22
+    solo = Engine(tiny, num_blocks=64, block_size=4)
+    assert [o.token_ids for o in outs] == [solo.generate(p, params)[0].token_ids for p in prompts]
+    beams = eng.generate(prompts, SamplingParams(max_new_tokens=12, beams=2, ignore_eos=True))
+    assert [b.token_ids for b in beams] == [
+        solo.generate(p, SamplingParams(max_new_tokens=12, beams=2, ignore_eos=True))[0].token_ids for p in prompts
+    ]
+    assert eng.cache.allocator.num_free == 22

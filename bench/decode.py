@@ -1,0 +1,162 @@
+"""Decode benchmark in the PARA paper's Table-4 method: prompt 274 tokens, 32 new tokens, batch 1.
+
+    python bench/decode.py [--runs 5] [--beams 1 3] [--json out.json]
+
+tokens/s = new tokens / wall time including prefill (the paper's figure); decode tok/s excludes
+the prefill, timed separately as a 1-token generation. Peers run in the same process on the same
+weights: transformers `generate` on the same GGUF. Reports the median of --runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from infer.engine import Engine  # noqa: E402
+from infer.sampling import SamplingParams  # noqa: E402
+from model import Llama  # noqa: E402
+from weights.default import default_gguf_path  # noqa: E402
+
+TEXT = (
+    "The history of science is the study of the development of science and scientific knowledge, including both "
+    "the natural and social sciences. Science is a body of empirical, theoretical, and practical knowledge about "
+    "the natural world, produced by scientists who emphasize the observation, explanation, and prediction of "
+    "real-world phenomena. "
+)
+
+
+def make_prompt(tokenizer, n: int) -> list[int]:
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += tokenizer.encode(TEXT, bos=False)
+    return ids[:n]
+
+
+def timed(fn, runs: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def row(engine: str, beams: int, prompt_len: int, new: int, t_total: float, t_prefill: float, kv_bytes: int) -> dict:
+    return {
+        "engine": engine,
+        "method": "base",
+        "beams": beams,
+        "batch": 1,
+        "tenants": 1,
+        "prompt_len": prompt_len,
+        "new_tokens": new,
+        "tps": new / t_total,
+        "decode_tps": (new - 1) / max(t_total - t_prefill, 1e-9),
+        "prefill_tps": prompt_len / t_prefill,
+        "peak_mem_mib": float("nan"),
+        "kv_bytes": kv_bytes,
+    }
+
+
+def bench_parallama(model: Llama, ids: list[int], new: int, beams: int, runs: int) -> dict:
+    engine = Engine(model, num_blocks=256)
+
+    def run(n: int):
+        out = engine.generate(ids, SamplingParams(max_new_tokens=n, beams=beams, ignore_eos=True))[0]
+        assert len(out.token_ids) == n or beams > 1
+
+    t_prefill = timed(lambda: run(1), runs)
+    t_total = timed(lambda: run(new), runs)
+    per_token = 2 * model.args.n_layers * model.args.kv_dim * model.tok_embeddings.weight.element_size()
+    return row("parallama", beams, len(ids), new, t_total, t_prefill, per_token * (len(ids) + new) * beams)
+
+
+def bench_transformers(ids: list[int], new: int, beams: int, runs: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    gguf = default_gguf_path()
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+
+    def run(n: int):
+        with torch.no_grad():
+            hf.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=beams, pad_token_id=2)
+
+    t_prefill = timed(lambda: run(1), runs)
+    t_total = timed(lambda: run(new), runs)
+    cfg = hf.config
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    return row("transformers", beams, len(ids), new, t_total, t_prefill, per_token * (len(ids) + new) * beams)
+
+
+def kv_memory_ragged(model: Llama, lens: list[int], new: int, block_size: int = 16) -> dict:
+    """Peak paged KV bytes for a ragged batch vs the bytes its tokens need and a contiguous cache."""
+    engine = Engine(model, num_blocks=512, block_size=block_size)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in lens]
+    engine.generate(prompts, SamplingParams(max_new_tokens=new, ignore_eos=True))
+    per_token = 2 * model.args.n_layers * model.args.kv_dim * model.tok_embeddings.weight.element_size()
+    needed = sum(n + new for n in lens) * per_token
+    paged = engine.peak_blocks_used * block_size * per_token
+    padded = len(lens) * (max(lens) + new) * per_token
+    full = len(lens) * model.args.max_seq_len * per_token
+    return {"lens": lens, "new_tokens": new, "needed_bytes": needed, "paged_bytes": paged,
+            "contiguous_batch_max_bytes": padded, "contiguous_max_seq_len_bytes": full}  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--prompt-len", type=int, default=274)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--beams", type=int, nargs="+", default=[1])
+    ap.add_argument("--no-peers", action="store_true", help="skip transformers")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    model = Llama.from_pretrained("default")
+    ids = make_prompt(model.tokenizer, a.prompt_len)
+    rows = []
+    for beams in a.beams:
+        print(f"parallama beams={beams} ...", file=sys.stderr, flush=True)
+        rows.append(bench_parallama(model, ids, a.new_tokens, beams, a.runs))
+        if not a.no_peers:
+            print(f"transformers beams={beams} ...", file=sys.stderr, flush=True)
+            rows.append(bench_transformers(ids, a.new_tokens, beams, a.runs))
+    kv = kv_memory_ragged(model, [17, 80, 150, 274, 33], a.new_tokens)
+    machine = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor(),
+               "threads": torch.get_num_threads()}  # fmt: skip
+    print(f"\nSmolLM2-135M fp32 CPU, prompt {a.prompt_len}, {a.new_tokens} new, median of {a.runs}\n")
+    print("| engine | beams | tok/s | decode tok/s | prefill tok/s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['beams']} | {r['tps']:.1f} | {r['decode_tps']:.1f} | {r['prefill_tps']:.0f} |")
+    base = {(r["engine"], r["beams"]): r for r in rows}
+    for beams in a.beams:
+        if ("transformers", beams) in base:
+            p, t = base[("parallama", beams)], base[("transformers", beams)]
+            ratios = {k: p[k] / t[k] for k in ("tps", "decode_tps", "prefill_tps")}
+            print(f"\nbeams={beams}: parallama/transformers tok/s {ratios['tps']:.2f}x, "
+                  f"decode {ratios['decode_tps']:.2f}x, prefill {ratios['prefill_tps']:.2f}x")  # fmt: skip
+    mib = 1 / 2**20
+    print(f"\nKV for ragged batch {kv['lens']} + {kv['new_tokens']} new: needed {kv['needed_bytes'] * mib:.1f} MiB, "
+          f"paged peak {kv['paged_bytes'] * mib:.1f} MiB ({kv['paged_bytes'] / kv['needed_bytes']:.3f}x), "
+          f"contiguous padded-to-longest {kv['contiguous_batch_max_bytes'] * mib:.1f} MiB, "
+          f"contiguous max_seq_len {kv['contiguous_max_seq_len_bytes'] * mib:.0f} MiB")  # fmt: skip
+    if a.json:
+        a.json.write_text(json.dumps({"machine": machine, "rows": rows, "kv_ragged": kv}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
