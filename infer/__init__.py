@@ -1,1 +1,6 @@
-"""Serving: generation loop and CLI (`python -m infer.generate`)."""
+"""Serving: paged KV cache, continuous-batching engine, sampling, beam search, CLI."""
+
+from infer.engine import Engine, GenerationOutput
+from infer.sampling import SamplingParams
+
+__all__ = ["Engine", "GenerationOutput", "SamplingParams"]
