@@ -41,6 +41,17 @@ TOL_HF = 1e-5
 N_LLAMA3_SPECIAL = 256
 
 
+_DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 100,
+}
+
+
 @pytest.fixture(scope="module")
 def spm_path(tmp_path_factory) -> Path:
     return train_sentencepiece(tmp_path_factory.mktemp("spm") / "tokenizer.model")
@@ -234,14 +245,7 @@ def test_meta_llama3_sharded_matches_transformers(tmp_path, tiktoken_path, facto
     assert model.tokenizer.decode(ids) == "<|begin_of_text|>" + text
     assert model.tokenizer.encode("<|eot_id|>", bos=False) == [n_base + 9]
 
-    rope = {
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": factor,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": original_max or 8192,
-    }
+    rope = {**_LLAMA3_ROPE, "factor": factor, "original_max_position_embeddings": original_max or 8192}
     cfg = dict(
         vocab_size=vocab,
         hidden_size=128,
@@ -281,14 +285,7 @@ def test_meta_single_shard_and_tied_llama32(tmp_path, tiktoken_path):
     shutil.copy(tiktoken_path, tmp_path / "tokenizer.model")
     model = Llama.from_pretrained(tmp_path)
     assert model.args.tie_embeddings and model.output.weight is model.tok_embeddings.weight
-    rope = {
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": 32.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    }
+    rope = {**_LLAMA3_ROPE, "factor": 32.0, "original_max_position_embeddings": 8192}
     oracle = hf_oracle(
         sd,
         _llama_config(
@@ -336,17 +333,6 @@ def _random_hf_model(n_kv_heads: int, tied: bool, rope: dict, seed: int):
                 gain = 2.0 if ("q_proj" in name or "k_proj" in name) else 1.0
                 prm.copy_(torch.randn(prm.shape, generator=g) * gain / math.sqrt(prm.shape[1]))
     return model
-
-
-_DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
-_LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 100,
-}
 
 
 @pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "single"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,3 +29,18 @@ def require(d: dict, key: str, where: str | Path):
     if key not in d:
         raise CheckpointError(f"{where}: missing required field '{key}'")
     return d[key]
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
+
+
+def load_tokenizer(load: Callable[[], object], where: str | Path | None = None) -> object:
+    """Run a tokenizer constructor, turning its one-line ValueError into a CheckpointError."""
+    try:
+        return load()
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}" if where else str(e)) from None

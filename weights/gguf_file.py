@@ -15,7 +15,7 @@ import torch
 
 from kernels.reference import rope_frequencies
 from model.args import ModelArgs
-from weights.common import Checkpoint, CheckpointError, require
+from weights.common import Checkpoint, CheckpointError, load_tokenizer, require
 
 _LAYER_NAMES = {
     "attn_q": "attention.wq",
@@ -127,8 +127,6 @@ def load_gguf(path: str | Path) -> Checkpoint:
         if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _LAYER_NAMES:
             raise CheckpointError(f"{path}: unexpected tensor {name}")
         sd[f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"] = t
-    try:
-        tokenizer = HFTokenizer.from_gguf_metadata(meta) if "tokenizer.ggml.model" in meta else None
-    except ValueError as e:  # names the metadata field, not the file
-        raise CheckpointError(f"{path}: {e}") from None
+    has_tokenizer = "tokenizer.ggml.model" in meta
+    tokenizer = load_tokenizer(lambda: HFTokenizer.from_gguf_metadata(meta), path) if has_tokenizer else None
     return Checkpoint(args=args, state_dict=sd, tokenizer=tokenizer, path=path)

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from model.args import ModelArgs
-from weights.common import Checkpoint, CheckpointError, require
+from weights.common import Checkpoint, CheckpointError, load_tokenizer, read_json, require
 
 _LAYER_NAMES = {
     "self_attn.q_proj": "attention.wq",
@@ -132,15 +132,10 @@ def load_hf(directory: str | Path) -> Checkpoint:
 
     d = Path(directory)
     cfg_path = d / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: cannot read ({e})") from None
+    cfg = read_json(cfg_path)
     args = args_from_config(cfg, cfg_path)
     sd = to_meta_names(read_safetensors(_safetensors_files(d)), args, d)
     has_tokenizer = (d / "tokenizer.json").exists() or (d / "tokenizer.model").exists()
-    try:
-        tokenizer = HFTokenizer.from_dir(d) if has_tokenizer else None  # weights alone are still usable by id
-    except ValueError as e:  # already one line naming the file
-        raise CheckpointError(str(e)) from None
+    # weights alone are still usable by id; the tokenizer's own message names its file
+    tokenizer = load_tokenizer(lambda: HFTokenizer.from_dir(d)) if has_tokenizer else None
     return Checkpoint(args=args, state_dict=sd, tokenizer=tokenizer, path=d)

@@ -11,7 +11,6 @@ Shards are the model-parallel slices Meta's fairscale layers hold, so merging fo
 
 from __future__ import annotations
 
-import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from model.args import ModelArgs
-from weights.common import Checkpoint, CheckpointError, require
+from weights.common import Checkpoint, CheckpointError, load_tokenizer, read_json, require
 
 _CAT_DIM0 = ("attention.wq.", "attention.wk.", "attention.wv.", "feed_forward.w1.", "feed_forward.w3.")
 _CAT_DIM1 = ("attention.wo.", "feed_forward.w2.")
@@ -109,17 +108,11 @@ def load_meta(directory: str | Path) -> Checkpoint:
 
     d = Path(directory)
     params_path = d / "params.json"
-    try:
-        params = json.loads(params_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{params_path}: cannot read ({e})") from None
+    params = read_json(params_path)
     tok_path = d / "tokenizer.model"
     if not tok_path.exists():
         raise CheckpointError(f"{tok_path}: missing (a Meta checkpoint ships its tokenizer.model)")
-    try:
-        tokenizer = load_tokenizer_model(tok_path)
-    except ValueError as e:  # already one line naming the file
-        raise CheckpointError(str(e)) from None
+    tokenizer = load_tokenizer(lambda: load_tokenizer_model(tok_path))  # its message names the file
     args = args_from_params(params, params_path, tokenizer.vocab_size)
 
     paths = sorted(d.glob("consolidated.*.pth"))
