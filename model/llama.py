@@ -16,6 +16,7 @@ from kernels import reference as ops
 from model.args import ModelArgs
 
 if TYPE_CHECKING:
+    from model.peft import PARAAdapter
     from weights.tokenizer import Tokenizer
 
 
@@ -63,12 +64,19 @@ class Attention(nn.Module):
         step: StepBatch | None = None,
         k_cache: torch.Tensor | None = None,
         v_cache: torch.Tensor | None = None,
+        scale_q: torch.Tensor | None = None,
+        scale_v: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, d) without a cache, or packed rows (M, d) with `step` and this layer's caches."""
+        """x: (B, T, d) without a cache, or packed rows (M, d) with `step` and this layer's caches.
+
+        scale_q (B, H·hd), scale_v (B, H_kv·hd): optional per-sequence scales of the Q / V projections
+        (PARA), applied before RoPE and broadcast over T; uncached path only for now.
+        """
         lead = x.shape[:-1]
-        q = self.wq(x).view(*lead, self.n_heads, self.head_dim)  # (B, T, H, hd) | (M, H, hd)
+        q = ops.linear_scale(x, self.wq.weight, scale_q)  # (B, T, H·hd) | (M, H·hd): PARA scales before RoPE
+        q = q.view(*lead, self.n_heads, self.head_dim)  # (B, T, H, hd) | (M, H, hd)
         k = self.wk(x).view(*lead, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, hd) | (M, H_kv, hd)
-        v = self.wv(x).view(*lead, self.n_kv_heads, self.head_dim)
+        v = ops.linear_scale(x, self.wv.weight, scale_v).view(*lead, self.n_kv_heads, self.head_dim)
         q, k = ops.rope(q, cos_sin), ops.rope(k, cos_sin)
         if step is None:
             out = ops.attention(q, k, v, causal=True)
@@ -90,8 +98,9 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(ops.gated_up(x, self.w1.weight, self.w3.weight))
+    def forward(self, x: torch.Tensor, scale_u: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, d) | (M, d); scale_u (B, hidden): optional per-sequence scale of the up projection (PARA)."""
+        return self.w2(ops.gated_up(x, self.w1.weight, self.w3.weight, scale_u=scale_u))
 
 
 class TransformerBlock(nn.Module):
@@ -102,9 +111,13 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, *cache_args: Any) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos_sin, *cache_args)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(
+        self, x: torch.Tensor, cos_sin: torch.Tensor, *cache_args: Any, scales: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """scales: PARA's per-sequence vectors {"q", "v", "u"} (any subset) for this layer, or None."""
+        s = scales or {}
+        h = x + self.attention(self.attention_norm(x), cos_sin, *cache_args, scale_q=s.get("q"), scale_v=s.get("v"))
+        return h + self.feed_forward(self.ffn_norm(h), scale_u=s.get("u"))
 
 
 class Llama(nn.Module):
@@ -141,21 +154,49 @@ class Llama(nn.Module):
         table = ops.rope_table(inv_freq, a.max_seq_len).to(device)
         self.register_buffer("rope_cos_sin", table, persistent=False)  # (max_seq_len, hd/2, 2)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        adapter: PARAAdapter | None = None,
+        prompt_lens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Full causal forward with no cache, the reference for every faster path.
 
         tokens: (B, T) int64 → logits (B, T, vocab) float32.
+        adapter: a PARA adapter; each layer then computes its vectors from its own input at each row's
+        last prompt token, `prompt_lens - 1` (prompt_lens: (B,) in [1, T]; None = the whole row is the
+        prompt), and scales Q, V, FFN-up of every position of that row.
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
-        T = tokens.shape[1]
+        B, T = tokens.shape
         if T > self.args.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.args.max_seq_len}")
+        if prompt_lens is not None:
+            self._check_prompt_lens(prompt_lens, B, T)
+        if adapter is not None:
+            self._check_adapter(adapter)
+            if prompt_lens is None:
+                prompt_lens = torch.full((B,), T, dtype=torch.long, device=tokens.device)
         h = self.tok_embeddings(tokens)  # (B, T, d)
         cos_sin = self.rope_cos_sin[:T]
-        for layer in self.layers:
-            h = layer(h, cos_sin)
+        for i, layer in enumerate(self.layers):
+            scales = None if adapter is None else adapter.vectors(i, h, prompt_lens)  # {"q": (B, H·hd), ...}
+            h = layer(h, cos_sin, scales=scales)
         return self.output(self.norm(h)).float()
+
+    @staticmethod
+    def _check_prompt_lens(prompt_lens: torch.Tensor, B: int, T: int) -> None:
+        if not isinstance(prompt_lens, torch.Tensor) or prompt_lens.shape != (B,) or prompt_lens.is_floating_point():
+            shape = tuple(prompt_lens.shape) if isinstance(prompt_lens, torch.Tensor) else type(prompt_lens).__name__
+            raise ValueError(f"prompt_lens must be an integer tensor of shape ({B},), got {shape}")
+        if B and (int(prompt_lens.min()) < 1 or int(prompt_lens.max()) > T):
+            raise ValueError(f"prompt_lens must lie in [1, {T}], got {prompt_lens.tolist()}")
+
+    def _check_adapter(self, adapter: PARAAdapter) -> None:
+        a, b = adapter.args, self.args
+        if (a.n_layers, a.dim, a.q_dim, a.kv_dim, a.ffn_dim) != (b.n_layers, b.dim, b.q_dim, b.kv_dim, b.ffn_dim):
+            raise ValueError("adapter was built for a model of another shape (n_layers, dim, q/kv/ffn widths)")
 
     def forward_step(
         self, tokens: torch.Tensor, step: StepBatch, k_cache: torch.Tensor, v_cache: torch.Tensor
