@@ -22,6 +22,8 @@ from infer.beam import BeamSearch
 from infer.cache import BlockTable, CacheFullError, PagedKVCache
 from infer.sampling import SamplingParams, sample_token
 from model import Llama
+from model.llama import ParaStep
+from model.peft import PARAAdapter
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Request:
         self.finish_reason: str | None = None
         self.text = ""
         self.beam: BeamSearch | None = None
+        self.slot = 0  # row of the engine's PARA vector pools (0 = identity), held while admitted
         self.restart()
 
     def restart(self) -> None:
@@ -96,12 +99,73 @@ class Engine:
             num_blocks = PagedKVCache.blocks_for_budget(args, block_size, budget, weight.dtype)
             num_blocks = min(num_blocks, max_batch * math.ceil(args.max_seq_len / block_size))
         self.cache = PagedKVCache(args, num_blocks, block_size, dtype=weight.dtype, device=weight.device)
-        self.adapters: dict[str, object] = {}
+        self.adapters: dict[str, PARAAdapter] = {}
+        self.para_pools: list[dict[str, torch.Tensor]] | None = None  # made with the first adapter
+        self.free_slots: list[int] = []
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = count()
         self.num_preemptions = 0
         self.peak_blocks_used = 0
+
+    # ---- adapters ----------------------------------------------------------------------------------
+    def add_adapter(self, name: str, adapter: PARAAdapter) -> None:
+        """Register an adapter under `name`; requests then name it. Allowed while the engine runs."""
+        if not isinstance(adapter, PARAAdapter):
+            raise ValueError(f"adapter {name!r}: expected a PARAAdapter, got {type(adapter).__name__}")
+        if name in self.adapters:
+            raise ValueError(f"an adapter named {name!r} is already registered")
+        self.model._check_adapter(adapter)
+        if self.para_pools is None:
+            a, w = self.model.args, self.model.tok_embeddings.weight
+            n_slots = self.max_batch + 1  # at most max_batch requests run; slot 0 is the identity
+            widths = {"q": a.q_dim, "v": a.kv_dim, "u": a.ffn_dim}
+            self.para_pools = [
+                {t: torch.ones(n_slots, n, dtype=w.dtype, device=w.device) for t, n in widths.items()}
+                for _ in range(a.n_layers)
+            ]
+            self.free_slots = list(range(n_slots - 1, 0, -1))
+        self.adapters[name] = adapter.to(self.model.tok_embeddings.weight.device).eval()
+
+    def remove_adapter(self, name: str) -> None:
+        users = sum(r.adapter == name for r in [*self.waiting, *self.running])
+        if users:
+            raise ValueError(f"adapter {name!r} is used by {users} unfinished request(s)")
+        self.adapters.pop(name)
+
+    def _take_slot(self, req: Request) -> None:
+        if req.adapter is not None:
+            req.slot = self.free_slots.pop()
+            for pool in self.para_pools:
+                for p in pool.values():
+                    p[req.slot] = 1  # adapters that adjust a subset leave the rest at the identity
+
+    def _release_slot(self, req: Request) -> None:
+        if req.slot:
+            self.free_slots.append(req.slot)
+            req.slot = 0
+
+    def _para_step(self, reqs: list[Request], counts: list[int], compute: bool) -> ParaStep | None:
+        """Per-row slots for a step; with `compute`, each adapter's sequences get their vectors made
+        from the row of their last prompt token."""
+        if self.para_pools is None or not any(r.adapter is not None for r in reqs):
+            return None
+        dev = self.cache.k.device
+        row_slots = torch.tensor([r.slot for r, n in zip(reqs, counts) for _ in range(n)], device=dev)
+        groups: dict[str, tuple[list[int], list[int]]] = {}
+        if compute:
+            first = 0
+            for r, n in zip(reqs, counts):
+                if r.adapter is not None:
+                    rows, slots = groups.setdefault(r.adapter, ([], []))
+                    rows.append(first + len(r.prompt_ids) - 1)
+                    slots.append(r.slot)
+                first += n
+        todo = [
+            (self.adapters[a], torch.tensor(rw, device=dev), torch.tensor(sl, device=dev))
+            for a, (rw, sl) in groups.items()
+        ]
+        return ParaStep(pools=self.para_pools, row_slots=row_slots, compute=todo)
 
     # ---- submission ----------------------------------------------------------------------------
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -165,6 +229,7 @@ class Engine:
             if need > free and (self.running or admitted):
                 break  # wait for blocks; an empty engine admits anyway (the request fits the pool by check)
             req = self.waiting.popleft()
+            self._take_slot(req)
             free -= need
             n_rows += req.params.beams
             admitted.append(req)
@@ -175,7 +240,9 @@ class Engine:
         if not reqs:
             return []
         seqs = [r.seqs[0] for r in reqs]
-        step = self.cache.prepare_step([s.table for s in seqs], [len(s.tokens) for s in seqs])
+        counts = [len(s.tokens) for s in seqs]
+        step = self.cache.prepare_step([s.table for s in seqs], counts)
+        step.para = self._para_step(reqs, counts, compute=True)
         tokens = torch.tensor([t for s in seqs for t in s.tokens], device=self.cache.k.device)
         logits = self.model.forward_step(tokens, step, self.cache.k, self.cache.v)  # (R, vocab)
         return [r for i, r in enumerate(reqs) if self._advance(r, logits[i : i + 1])]
@@ -193,6 +260,7 @@ class Engine:
                 if len(live) == 1:
                     raise RuntimeError("KV pool exhausted by a single request (admission check failed)") from None
                 self._preempt(live[-1])
+        step.para = self._para_step(live, [len(r.seqs) for r in live], compute=False)  # beams share a slot
         tokens = torch.tensor([s.tokens[-1] for s in seqs], device=self.cache.k.device)
         logits = self.model.forward_step(tokens, step, self.cache.k, self.cache.v)  # (rows, vocab)
         done, row = [], 0
@@ -207,6 +275,7 @@ class Engine:
         self.num_preemptions += 1
         for s in req.seqs:
             self.cache.free(s.table)
+        self._release_slot(req)  # vectors are recomputed with the prompt when it is admitted again
         req.restart()
         self.running.remove(req)
         self.waiting.appendleft(req)
@@ -215,6 +284,7 @@ class Engine:
         req.finish_reason = reason
         for s in req.seqs:
             self.cache.free(s.table)
+        self._release_slot(req)
         self.running.remove(req)
 
     def _stop_ids(self, req: Request) -> frozenset[int]:

@@ -21,6 +21,18 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class ParaStep:
+    """PARA on the cached path. Vectors live in per-layer pools, one row per slot (the engine keeps
+    slot 0 at 1, the identity, for rows without an adapter); a sequence's vectors are computed once,
+    in its prefill step, from its last prompt row, and every later step only gathers them."""
+
+    pools: list[dict[str, torch.Tensor]]  # per layer: "q" / "v" / "u" → (n_slots, width)
+    row_slots: torch.Tensor  # (M,) the pool row each packed row reads
+    # (adapter, packed rows holding each sequence's last prompt token (n,), their slots (n,))
+    compute: list[tuple[PARAAdapter, torch.Tensor, torch.Tensor]]
+
+
+@dataclass
 class StepBatch:
     """One cached step over the packed rows of S sequences: prefill chunks, decode rows, or both.
 
@@ -36,6 +48,7 @@ class StepBatch:
     seq_lens: torch.Tensor  # (S,) context length after this step's writes
     max_rows: int  # most new rows any sequence has in this step (1 for pure decode)
     logit_rows: torch.Tensor | None = None  # rows whose logits are returned (None: all)
+    para: ParaStep | None = None  # per-row PARA vectors (None: no row has an adapter)
 
 
 class RMSNorm(nn.Module):
@@ -69,8 +82,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: (B, T, d) without a cache, or packed rows (M, d) with `step` and this layer's caches.
 
-        scale_q (B, H·hd), scale_v (B, H_kv·hd): optional per-sequence scales of the Q / V projections
-        (PARA), applied before RoPE and broadcast over T; uncached path only for now.
+        scale_q (B, H·hd), scale_v (B, H_kv·hd): optional PARA scales of the Q / V projections, applied
+        before RoPE: one row per sequence broadcast over T, or one per packed row (M, ·) with `step`.
         """
         lead = x.shape[:-1]
         q = ops.linear_scale(x, self.wq.weight, scale_q)  # (B, T, H·hd) | (M, H·hd): PARA scales before RoPE
@@ -209,7 +222,15 @@ class Llama(nn.Module):
         h = self.tok_embeddings(tokens)  # (M, d)
         cos_sin = self.rope_cos_sin[step.positions]  # (M, hd/2, 2)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos_sin, step, k_cache[i], v_cache[i])
+            scales = None
+            if step.para is not None:
+                pool = step.para.pools[i]
+                for adapter, rows, slots in step.para.compute:  # prefill only: pool at the last prompt row
+                    for name, vec in adapter.vectors_from_pooled(i, h[rows]).items():
+                        pool[name][slots] = vec.to(pool[name].dtype)
+                scales = {name: p[step.para.row_slots] for name, p in pool.items()}  # (M, width) each
+            # V is scaled before write_kv, so the cache holds l_v ⊙ V and decode never rescales it
+            h = layer(h, cos_sin, step, k_cache[i], v_cache[i], scales=scales)
         if step.logit_rows is not None:
             h = h[step.logit_rows]
         return self.output(self.norm(h)).float()

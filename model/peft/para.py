@@ -89,6 +89,10 @@ class PARAAdapter(nn.Module):
         """
         B = h.shape[0]
         pooled = h[torch.arange(B, device=h.device), prompt_lens.to(h.device) - 1]  # (B, d)
+        return self.vectors_from_pooled(i, pooled)
+
+    def vectors_from_pooled(self, i: int, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Layer i's vectors from already pooled hidden states (B, d); the cached path pools itself."""
         l = self.layers[i]["para"](pooled)  # (B, n_out)
         return dict(zip(self.sizes, l.split(list(self.sizes.values()), dim=-1)))
 
