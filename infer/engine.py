@@ -100,7 +100,7 @@ class Engine:
             num_blocks = min(num_blocks, max_batch * math.ceil(args.max_seq_len / block_size))
         self.cache = PagedKVCache(args, num_blocks, block_size, dtype=weight.dtype, device=weight.device)
         self.adapters: dict[str, PARAAdapter] = {}
-        self.para_pools: list[dict[str, torch.Tensor]] | None = None  # made with the first adapter
+        self.para_pools: dict[str, torch.Tensor] | None = None  # made with the first adapter
         self.free_slots: list[int] = []
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -117,13 +117,9 @@ class Engine:
             raise ValueError(f"an adapter named {name!r} is already registered")
         self.model._check_adapter(adapter)
         if self.para_pools is None:
-            a, w = self.model.args, self.model.tok_embeddings.weight
+            w = self.model.tok_embeddings.weight
             n_slots = self.max_batch + 1  # at most max_batch requests run; slot 0 is the identity
-            widths = {"q": a.q_dim, "v": a.kv_dim, "u": a.ffn_dim}
-            self.para_pools = [
-                {t: torch.ones(n_slots, n, dtype=w.dtype, device=w.device) for t, n in widths.items()}
-                for _ in range(a.n_layers)
-            ]
+            self.para_pools = ParaStep.make_pools(self.model.args, n_slots, w.dtype, w.device)
             self.free_slots = list(range(n_slots - 1, 0, -1))
         self.adapters[name] = adapter.to(self.model.tok_embeddings.weight.device).eval()
 
@@ -136,9 +132,8 @@ class Engine:
     def _take_slot(self, req: Request) -> None:
         if req.adapter is not None:
             req.slot = self.free_slots.pop()
-            for pool in self.para_pools:
-                for p in pool.values():
-                    p[req.slot] = 1  # adapters that adjust a subset leave the rest at the identity
+            for p in self.para_pools.values():
+                p[:, req.slot] = 1  # adapters that adjust a subset leave the rest at the identity
 
     def _release_slot(self, req: Request) -> None:
         if req.slot:

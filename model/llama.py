@@ -26,10 +26,28 @@ class ParaStep:
     slot 0 at 1, the identity, for rows without an adapter); a sequence's vectors are computed once,
     in its prefill step, from its last prompt row, and every later step only gathers them."""
 
-    pools: list[dict[str, torch.Tensor]]  # per layer: "q" / "v" / "u" → (n_slots, width)
+    pools: dict[str, torch.Tensor]  # "q" / "v" / "u" → (n_layers, n_slots, width)
     row_slots: torch.Tensor  # (M,) the pool row each packed row reads
     # (adapter, packed rows holding each sequence's last prompt token (n,), their slots (n,))
     compute: list[tuple[PARAAdapter, torch.Tensor, torch.Tensor]]
+
+    @staticmethod
+    def make_pools(
+        args: ModelArgs, n_slots: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """All-ones pools (ones = the identity), one per adjustable projection, stacked over layers."""
+        widths = {"q": args.q_dim, "v": args.kv_dim, "u": args.ffn_dim}
+        return {t: torch.ones(args.n_layers, n_slots, n, dtype=dtype, device=device) for t, n in widths.items()}
+
+    def layer_scales(self, i: int, h: torch.Tensor, cache: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """Layer i's per-row scales (M, width). Prefill first writes the vectors computed from this
+        layer's input h; decode reads `cache`, gathered once per step for all layers."""
+        if cache is not None:
+            return {t: g[i] for t, g in cache.items()}
+        for adapter, rows, slots in self.compute:  # pool at each sequence's last prompt row
+            for t, vec in adapter.vectors_from_pooled(i, h[rows]).items():
+                self.pools[t][i, slots] = vec.to(self.pools[t].dtype)
+        return {t: p[i, self.row_slots] for t, p in self.pools.items()}
 
 
 @dataclass
@@ -221,14 +239,13 @@ class Llama(nn.Module):
         """
         h = self.tok_embeddings(tokens)  # (M, d)
         cos_sin = self.rope_cos_sin[step.positions]  # (M, hd/2, 2)
+        para = step.para
+        # decode: nothing to compute, so every layer's vectors come from one gather per projection
+        gathered = None
+        if para is not None and not para.compute:
+            gathered = {t: p[:, para.row_slots] for t, p in para.pools.items()}  # (n_layers, M, width)
         for i, layer in enumerate(self.layers):
-            scales = None
-            if step.para is not None:
-                pool = step.para.pools[i]
-                for adapter, rows, slots in step.para.compute:  # prefill only: pool at the last prompt row
-                    for name, vec in adapter.vectors_from_pooled(i, h[rows]).items():
-                        pool[name][slots] = vec.to(pool[name].dtype)
-                scales = {name: p[step.para.row_slots] for name, p in pool.items()}  # (M, width) each
+            scales = None if para is None else para.layer_scales(i, h, gathered)
             # V is scaled before write_kv, so the cache holds l_v ⊙ V and decode never rescales it
             h = layer(h, cos_sin, step, k_cache[i], v_cache[i], scales=scales)
         if step.logit_rows is not None:

@@ -85,6 +85,20 @@ def _compare(model: Llama, oracle, tokens: torch.Tensor, tol: float) -> float:
     return diff
 
 
+def _llama3_hf_shape(vocab: int, ffn: int, tied: bool) -> dict:
+    """HF config fields of the tiny Llama-3-style model (LLAMA3_PARAMS) the Meta tests write."""
+    return dict(
+        vocab_size=vocab,
+        hidden_size=128,
+        intermediate_size=ffn,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=8192,
+        tie_word_embeddings=tied,
+    )
+
+
 def _llama_config(**kw):
     return transformers.LlamaConfig(num_hidden_layers=2, hidden_act="silu", attention_bias=False, mlp_bias=False, **kw)
 
@@ -246,16 +260,7 @@ def test_meta_llama3_sharded_matches_transformers(tmp_path, tiktoken_path, facto
     assert model.tokenizer.encode("<|eot_id|>", bos=False) == [n_base + 9]
 
     rope = {**_LLAMA3_ROPE, "factor": factor, "original_max_position_embeddings": original_max or 8192}
-    cfg = dict(
-        vocab_size=vocab,
-        hidden_size=128,
-        intermediate_size=ffn,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=8192,
-        tie_word_embeddings=False,
-    )
+    cfg = _llama3_hf_shape(vocab, ffn, tied=False)
     oracle = hf_oracle(sd, _llama_config(rope_parameters=rope, **cfg))
     tokens = _tokens(ids, vocab, T=T)
 
@@ -288,17 +293,7 @@ def test_meta_single_shard_and_tied_llama32(tmp_path, tiktoken_path):
     rope = {**_LLAMA3_ROPE, "factor": 32.0, "original_max_position_embeddings": 8192}
     oracle = hf_oracle(
         sd,
-        _llama_config(
-            vocab_size=vocab,
-            hidden_size=128,
-            intermediate_size=ffn,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rms_norm_eps=1e-5,
-            max_position_embeddings=8192,
-            tie_word_embeddings=True,
-            rope_parameters=rope,
-        ),
+        _llama_config(rope_parameters=rope, **_llama3_hf_shape(vocab, ffn, tied=True)),
     )
     _compare(model, oracle, _tokens(model.tokenizer.encode("the tests"), vocab, T=300), TOL_META)
 

@@ -35,12 +35,6 @@ def random_adapter(model: Llama, seed: int, **cfg):
     return adapter
 
 
-def pools_for(model: Llama, n_slots: int) -> list[dict[str, torch.Tensor]]:
-    a = model.args
-    widths = (("q", a.q_dim), ("v", a.kv_dim), ("u", a.ffn_dim))
-    return [{t: torch.ones(n_slots, n) for t, n in widths} for _ in range(a.n_layers)]
-
-
 @torch.no_grad()
 def test_cached_para_equals_no_cache_forward_with_prefill_vectors():
     model = tiny()
@@ -50,7 +44,7 @@ def test_cached_para_equals_no_cache_forward_with_prefill_vectors():
     seqs = [torch.randint(0, 61, (n + 6,)) for n in prompt_lens]
     cache = PagedKVCache(model.args, num_blocks=32, block_size=4)
     tables = [BlockTable() for _ in seqs]
-    pools = pools_for(model, 3)
+    pools = ParaStep.make_pools(model.args, 3)
 
     step = cache.prepare_step(tables, prompt_lens, all_logits=True)
     first = [0, 7, 19]
