@@ -22,8 +22,8 @@ from infer.beam import BeamSearch
 from infer.cache import BlockTable, CacheFullError, PagedKVCache
 from infer.sampling import SamplingParams, sample_token
 from model import Llama
-from model.llama import ParaStep
-from model.peft import PARAAdapter
+from model.llama import AdapterStep
+from model.peft import Adapter
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Request:
         self.finish_reason: str | None = None
         self.text = ""
         self.beam: BeamSearch | None = None
-        self.slot = 0  # row of the engine's PARA vector pools (0 = identity), held while admitted
+        self.slot = 0  # row of the engine's scale pools (0 = identity), held while admitted
         self.restart()
 
     def restart(self) -> None:
@@ -99,9 +99,10 @@ class Engine:
             num_blocks = PagedKVCache.blocks_for_budget(args, block_size, budget, weight.dtype)
             num_blocks = min(num_blocks, max_batch * math.ceil(args.max_seq_len / block_size))
         self.cache = PagedKVCache(args, num_blocks, block_size, dtype=weight.dtype, device=weight.device)
-        self.adapters: dict[str, PARAAdapter] = {}
-        self.para_pools: dict[str, torch.Tensor] | None = None  # made with the first adapter
-        self.free_slots: list[int] = []
+        self.adapters: dict[str, Adapter] = {}
+        # PARA / (IA)³ vectors: per scaled projection, (n_layers, max_batch + 1, width); slot 0 = identity
+        self.pools: dict[str, torch.Tensor] = {}
+        self.free_slots = list(range(max_batch, 0, -1))
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = count()
@@ -109,58 +110,70 @@ class Engine:
         self.peak_blocks_used = 0
 
     # ---- adapters ----------------------------------------------------------------------------------
-    def add_adapter(self, name: str, adapter: PARAAdapter) -> None:
+    def add_adapter(self, name: str, adapter: Adapter) -> None:
         """Register an adapter under `name`; requests then name it. Allowed while the engine runs."""
-        if not isinstance(adapter, PARAAdapter):
-            raise ValueError(f"adapter {name!r}: expected a PARAAdapter, got {type(adapter).__name__}")
         if name in self.adapters:
             raise ValueError(f"an adapter named {name!r} is already registered")
-        self.model._check_adapter(adapter)
-        if self.para_pools is None:
-            w = self.model.tok_embeddings.weight
-            n_slots = self.max_batch + 1  # at most max_batch requests run; slot 0 is the identity
-            self.para_pools = ParaStep.make_pools(self.model.args, n_slots, w.dtype, w.device)
-            self.free_slots = list(range(n_slots - 1, 0, -1))
-        self.adapters[name] = adapter.to(self.model.tok_embeddings.weight.device).eval()
+        self.model.check_adapter(adapter)
+        w = self.model.tok_embeddings.weight
+        for t in adapter.scale_targets:  # ones everywhere: rows of other adapters are left unscaled
+            if t not in self.pools:
+                self.pools[t] = AdapterStep.make_pool(self.model.args, t, self.max_batch + 1, w.dtype, w.device)
+        self.adapters[name] = adapter.to(device=w.device, dtype=w.dtype).eval()
 
     def remove_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise ValueError(f"no adapter named {name!r} is registered")
         users = sum(r.adapter == name for r in [*self.waiting, *self.running])
         if users:
             raise ValueError(f"adapter {name!r} is used by {users} unfinished request(s)")
         self.adapters.pop(name)
 
     def _take_slot(self, req: Request) -> None:
-        if req.adapter is not None:
-            req.slot = self.free_slots.pop()
-            for p in self.para_pools.values():
-                p[:, req.slot] = 1  # adapters that adjust a subset leave the rest at the identity
+        """A pool row for a request whose adapter scales projections: PARA fills it at prefill,
+        (IA)³'s fixed vectors are written now."""
+        adapter = self.adapters.get(req.adapter) if req.adapter is not None else None
+        if adapter is None or not adapter.scale_targets:
+            return
+        req.slot = self.free_slots.pop()
+        for p in self.pools.values():
+            p[:, req.slot] = 1  # adapters that scale a subset leave the rest at the identity
+        if not adapter.prompt_aware:
+            for i in range(self.model.args.n_layers):
+                for t, vec in adapter.scales(i, None).items():  # (1, width)
+                    self.pools[t][i, req.slot] = vec[0]
 
     def _release_slot(self, req: Request) -> None:
         if req.slot:
             self.free_slots.append(req.slot)
             req.slot = 0
 
-    def _para_step(self, reqs: list[Request], counts: list[int], compute: bool) -> ParaStep | None:
-        """Per-row slots for a step; with `compute`, each adapter's sequences get their vectors made
-        from the row of their last prompt token."""
-        if self.para_pools is None or not any(r.adapter is not None for r in reqs):
+    def _adapter_step(self, reqs: list[Request], counts: list[int], compute: bool) -> AdapterStep | None:
+        """Per-row adapters for a step over `reqs` (counts[j] packed rows each): pool slots, LoRA row
+        groups, and with `compute`, the rows of each PARA sequence's last prompt token."""
+        if not any(r.adapter is not None for r in reqs):
             return None
         dev = self.cache.k.device
-        row_slots = torch.tensor([r.slot for r, n in zip(reqs, counts) for _ in range(n)], device=dev)
-        groups: dict[str, tuple[list[int], list[int]]] = {}
-        if compute:
-            first = 0
-            for r, n in zip(reqs, counts):
-                if r.adapter is not None:
-                    rows, slots = groups.setdefault(r.adapter, ([], []))
-                    rows.append(first + len(r.prompt_ids) - 1)
-                    slots.append(r.slot)
-                first += n
+        slots, prompt_rows, lora_rows = [], {}, {}
+        first = 0
+        for r, n in zip(reqs, counts):
+            slots += [r.slot] * n  # beams share their request's slot
+            adapter = self.adapters.get(r.adapter) if r.adapter is not None else None
+            if adapter is not None and adapter.prompt_aware and compute:
+                rows, sl = prompt_rows.setdefault(r.adapter, ([], []))
+                rows.append(first + len(r.prompt_ids) - 1)
+                sl.append(r.slot)
+            if adapter is not None and adapter.low_rank:
+                lora_rows.setdefault(r.adapter, []).extend(range(first, first + n))
+            first += n
         todo = [
             (self.adapters[a], torch.tensor(rw, device=dev), torch.tensor(sl, device=dev))
-            for a, (rw, sl) in groups.items()
+            for a, (rw, sl) in prompt_rows.items()
         ]
-        return ParaStep(pools=self.para_pools, row_slots=row_slots, compute=todo)
+        lora = [(self.adapters[a], torch.tensor(rw, device=dev)) for a, rw in lora_rows.items()]
+        scaled = any(slots) or todo
+        pools = self.pools if scaled else {}  # no scaled row: skip the identity multiplies
+        return AdapterStep(pools=pools, row_slots=torch.tensor(slots, device=dev), compute=todo, lora=lora)
 
     # ---- submission ----------------------------------------------------------------------------
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -237,7 +250,7 @@ class Engine:
         seqs = [r.seqs[0] for r in reqs]
         counts = [len(s.tokens) for s in seqs]
         step = self.cache.prepare_step([s.table for s in seqs], counts)
-        step.para = self._para_step(reqs, counts, compute=True)
+        step.adapters = self._adapter_step(reqs, counts, compute=True)
         tokens = torch.tensor([t for s in seqs for t in s.tokens], device=self.cache.k.device)
         logits = self.model.forward_step(tokens, step, self.cache.k, self.cache.v)  # (R, vocab)
         return [r for i, r in enumerate(reqs) if self._advance(r, logits[i : i + 1])]
@@ -255,7 +268,7 @@ class Engine:
                 if len(live) == 1:
                     raise RuntimeError("KV pool exhausted by a single request (admission check failed)") from None
                 self._preempt(live[-1])
-        step.para = self._para_step(live, [len(r.seqs) for r in live], compute=False)  # beams share a slot
+        step.adapters = self._adapter_step(live, [len(r.seqs) for r in live], compute=False)
         tokens = torch.tensor([s.tokens[-1] for s in seqs], device=self.cache.k.device)
         logits = self.model.forward_step(tokens, step, self.cache.k, self.cache.v)  # (rows, vocab)
         done, row = [], 0

@@ -26,6 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beams", type=int, default=1)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (may be repeated)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="adapter directory (PARA, or a peft LoRA/(IA)3): once for every prompt, or once per prompt "
+        "in order; 'none' = the base model for that prompt",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     return p
 
@@ -42,19 +50,28 @@ def main(argv: list[str] | None = None) -> int:
             seed=a.seed,
             stop=tuple(a.stop),
         )
+        adapters = a.adapter * len(a.prompt) if len(a.adapter) == 1 else a.adapter or [None] * len(a.prompt)
+        if len(adapters) != len(a.prompt):
+            raise ValueError(
+                f"--adapter given {len(a.adapter)} times for {len(a.prompt)} prompts: give it once or once per prompt"
+            )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from model import Llama  # after argument checks: bad flags answer at once
+    from model.peft import load_adapter
 
     try:
         model = Llama.from_pretrained(a.model)
         if model.tokenizer is None:
             raise ValueError(f"{a.model} has no tokenizer; text prompts need one")
         engine = Engine(model)
+        names = [None if d in (None, "none") else d for d in adapters]
+        for d in dict.fromkeys(n for n in names if n is not None):
+            engine.add_adapter(d, load_adapter(d, model))
         tok = model.tokenizer
         prompts = [tok.encode_chat([{"role": "user", "content": p}]) if a.chat else p for p in a.prompt]
-        reqs = [engine.add_request(p, params) for p in prompts]
+        reqs = [engine.add_request(p, params, adapter=n) for p, n in zip(prompts, names)]
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

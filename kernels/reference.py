@@ -84,6 +84,27 @@ def linear_scale(
     return y * scale.view(scale.shape[0], *([1] * (y.dim() - 2)), -1).to(y.dtype)
 
 
+def lora_add(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scaling: float,
+    rows: torch.Tensor | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """y + dropout(x) @ aᵀ @ bᵀ · scaling on `rows` of y (None: all): an unmerged LoRA update, in peft's order.
+
+    y: (..., N); x: (..., K); a: (r, K); b: (N, r); rows: (n,) indices into the leading dim of x and y.
+    Returns a new tensor (autograd-safe); rows outside `rows` are unchanged.
+    """
+    if rows is None:
+        return y + F.linear(F.linear(F.dropout(x, dropout) if dropout else x, a), b) * scaling
+    xr = x[rows]
+    delta = F.linear(F.linear(F.dropout(xr, dropout) if dropout else xr, a), b) * scaling
+    return y.index_add(0, rows, delta.to(y.dtype))
+
+
 def gated_up(
     x: torch.Tensor,
     w_gate: torch.Tensor,

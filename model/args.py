@@ -66,6 +66,10 @@ class ModelArgs:
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
 
+    def scale_width(self, target: str) -> int:
+        """Width of an adapter's scale vector for a projection output: "q", "k", "v" or "u" (FFN up)."""
+        return {"q": self.q_dim, "k": self.kv_dim, "v": self.kv_dim, "u": self.ffn_dim}[target]
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -6,48 +6,75 @@ Shapes: B batch, T tokens, d model width, H / H_kv query / key-value heads, hd h
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from kernels import reference as ops
 from model.args import ModelArgs
 
 if TYPE_CHECKING:
-    from model.peft import PARAAdapter
+    from model.peft import Adapter
     from weights.tokenizer import Tokenizer
 
 
-@dataclass
-class ParaStep:
-    """PARA on the cached path. Vectors live in per-layer pools, one row per slot (the engine keeps
-    slot 0 at 1, the identity, for rows without an adapter); a sequence's vectors are computed once,
-    in its prefill step, from its last prompt row, and every later step only gathers them."""
+class LoRADelta(NamedTuple):
+    """An unmerged low-rank update of one projection: y[rows] += dropout(x[rows]) @ aᵀ @ bᵀ · scaling."""
 
-    pools: dict[str, torch.Tensor]  # "q" / "v" / "u" → (n_layers, n_slots, width)
+    a: torch.Tensor  # (r, in)
+    b: torch.Tensor  # (out, r)
+    scaling: float
+    rows: torch.Tensor | None = None  # packed rows this adapter owns (None: every row)
+    dropout: float = 0.0  # training-time dropout on the LoRA input
+
+
+@dataclass
+class AdapterStep:
+    """Adapters on the cached path.
+
+    Scale adapters (PARA, (IA)³) live in per-projection pools, one row per slot (slot 0 stays 1, the
+    identity, for rows without one): PARA vectors are computed once, in the prefill step, from each
+    sequence's last prompt row; (IA)³ vectors are written when the request is admitted; every later
+    step only gathers. LoRA rows are grouped per adapter and pay their low-rank matmuls every step.
+    """
+
+    pools: dict[str, torch.Tensor]  # "q" / "k" / "v" / "u" → (n_layers, n_slots, width)
     row_slots: torch.Tensor  # (M,) the pool row each packed row reads
     # (adapter, packed rows holding each sequence's last prompt token (n,), their slots (n,))
-    compute: list[tuple[PARAAdapter, torch.Tensor, torch.Tensor]]
+    compute: list[tuple[Adapter, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    lora: list[tuple[Adapter, torch.Tensor]] = field(default_factory=list)  # (adapter, its packed rows)
 
     @staticmethod
-    def make_pools(
-        args: ModelArgs, n_slots: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
-    ) -> dict[str, torch.Tensor]:
-        """All-ones pools (ones = the identity), one per adjustable projection, stacked over layers."""
-        widths = {"q": args.q_dim, "v": args.kv_dim, "u": args.ffn_dim}
-        return {t: torch.ones(args.n_layers, n_slots, n, dtype=dtype, device=device) for t, n in widths.items()}
+    def make_pool(
+        args: ModelArgs,
+        target: str,
+        n_slots: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """An all-ones (identity) pool for one scaled projection, stacked over layers."""
+        return torch.ones(args.n_layers, n_slots, args.scale_width(target), dtype=dtype, device=device)
 
-    def layer_scales(self, i: int, h: torch.Tensor, cache: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        """Layer i's per-row scales (M, width). Prefill first writes the vectors computed from this
-        layer's input h; decode reads `cache`, gathered once per step for all layers."""
-        if cache is not None:
-            return {t: g[i] for t, g in cache.items()}
-        for adapter, rows, slots in self.compute:  # pool at each sequence's last prompt row
-            for t, vec in adapter.vectors_from_pooled(i, h[rows]).items():
-                self.pools[t][i, slots] = vec.to(self.pools[t].dtype)
-        return {t: p[i, self.row_slots] for t, p in self.pools.items()}
+    def layer(
+        self, i: int, h: torch.Tensor, gathered: dict[str, torch.Tensor] | None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, list[LoRADelta]]]:
+        """Layer i's per-row scales (M, width) and LoRA deltas. Prefill first writes the vectors
+        computed from this layer's input h; decode reads `gathered`, taken once per step for all layers."""
+        if gathered is not None:
+            scales = {t: g[i] for t, g in gathered.items()}
+        else:
+            for adapter, rows, slots in self.compute:  # pool at each sequence's last prompt row
+                for t, vec in adapter.scales(i, h[rows]).items():
+                    self.pools[t][i, slots] = vec.to(self.pools[t].dtype)
+            scales = {t: p[i, self.row_slots] for t, p in self.pools.items()}
+        lora: dict[str, list[LoRADelta]] = {}
+        for adapter, rows in self.lora:
+            for proj, d in adapter.deltas(i).items():
+                lora.setdefault(proj, []).append(d._replace(rows=rows))
+        return scales, lora
 
 
 @dataclass
@@ -66,7 +93,7 @@ class StepBatch:
     seq_lens: torch.Tensor  # (S,) context length after this step's writes
     max_rows: int  # most new rows any sequence has in this step (1 for pure decode)
     logit_rows: torch.Tensor | None = None  # rows whose logits are returned (None: all)
-    para: ParaStep | None = None  # per-row PARA vectors (None: no row has an adapter)
+    adapters: AdapterStep | None = None  # per-row adapters (None: no row has one)
 
 
 class RMSNorm(nn.Module):
@@ -77,6 +104,16 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)
+
+
+def _project(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, lora: list[LoRADelta] | None = None
+) -> torch.Tensor:
+    """x @ wᵀ with an adapter's per-row column scale and/or unmerged LoRA updates (a row has one or the other)."""
+    y = ops.linear_scale(x, w, scale)
+    for d in lora or ():
+        y = ops.lora_add(y, x, d.a, d.b, d.scaling, d.rows, d.dropout)
+    return y
 
 
 class Attention(nn.Module):
@@ -95,19 +132,23 @@ class Attention(nn.Module):
         step: StepBatch | None = None,
         k_cache: torch.Tensor | None = None,
         v_cache: torch.Tensor | None = None,
-        scale_q: torch.Tensor | None = None,
-        scale_v: torch.Tensor | None = None,
+        scales: dict[str, torch.Tensor] | None = None,
+        lora: dict[str, list[LoRADelta]] | None = None,
     ) -> torch.Tensor:
         """x: (B, T, d) without a cache, or packed rows (M, d) with `step` and this layer's caches.
 
-        scale_q (B, H·hd), scale_v (B, H_kv·hd): optional PARA scales of the Q / V projections, applied
-        before RoPE: one row per sequence broadcast over T, or one per packed row (M, ·) with `step`.
+        scales "q" (B, H·hd), "k"/"v" (B, H_kv·hd): adapter scales of the projection outputs, applied
+        before RoPE (one row per sequence broadcast over T, or one per packed row (M, ·) with `step`);
+        lora "q"/"k"/"v"/"o": unmerged low-rank updates of those projections.
         """
+        s, lo = scales or {}, lora or {}
         lead = x.shape[:-1]
-        q = ops.linear_scale(x, self.wq.weight, scale_q)  # (B, T, H·hd) | (M, H·hd): PARA scales before RoPE
+        q = _project(x, self.wq.weight, s.get("q"), lo.get("q"))  # (B, T, H·hd) | (M, H·hd): scaled before RoPE
+        k = _project(x, self.wk.weight, s.get("k"), lo.get("k"))  # (B, T, H_kv·hd) | (M, H_kv·hd)
+        v = _project(x, self.wv.weight, s.get("v"), lo.get("v"))
         q = q.view(*lead, self.n_heads, self.head_dim)  # (B, T, H, hd) | (M, H, hd)
-        k = self.wk(x).view(*lead, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, hd) | (M, H_kv, hd)
-        v = ops.linear_scale(x, self.wv.weight, scale_v).view(*lead, self.n_kv_heads, self.head_dim)
+        k = k.view(*lead, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, hd) | (M, H_kv, hd)
+        v = v.view(*lead, self.n_kv_heads, self.head_dim)
         q, k = ops.rope(q, cos_sin), ops.rope(k, cos_sin)
         if step is None:
             out = ops.attention(q, k, v, causal=True)
@@ -117,7 +158,7 @@ class Attention(nn.Module):
                 q, k_cache, v_cache, step.block_tables, step.seq_lens,
                 step.positions, step.row_to_seq, step.row_index, step.max_rows,
             )  # fmt: skip
-        return self.wo(out.reshape(*lead, -1))
+        return _project(out.reshape(*lead, -1), self.wo.weight, lora=lo.get("o"))
 
 
 class FeedForward(nn.Module):
@@ -129,9 +170,18 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
-    def forward(self, x: torch.Tensor, scale_u: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, T, d) | (M, d); scale_u (B, hidden): optional per-sequence scale of the up projection (PARA)."""
-        return self.w2(ops.gated_up(x, self.w1.weight, self.w3.weight, scale_u=scale_u))
+    def forward(
+        self, x: torch.Tensor, scale_u: torch.Tensor | None = None, lora: dict[str, list[LoRADelta]] | None = None
+    ) -> torch.Tensor:
+        """x: (B, T, d) | (M, d); scale_u (B | M, hidden): an adapter's scale of the up projection
+        (PARA's l_u; (IA)³'s down-proj input scale, since silu(g)·u·l = silu(g)·(l·u)); lora "gate"/"up"/"down"."""
+        lo = lora or {}
+        if lo.get("gate") or lo.get("up"):  # LoRA on gate/up: the two GEMMs cannot be fused
+            gate = _project(x, self.w1.weight, lora=lo.get("gate"))
+            hidden = F.silu(gate) * _project(x, self.w3.weight, scale_u, lo.get("up"))
+        else:
+            hidden = ops.gated_up(x, self.w1.weight, self.w3.weight, scale_u=scale_u)
+        return _project(hidden, self.w2.weight, lora=lo.get("down"))
 
 
 class TransformerBlock(nn.Module):
@@ -143,12 +193,17 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos_sin: torch.Tensor, *cache_args: Any, scales: dict[str, torch.Tensor] | None = None
+        self,
+        x: torch.Tensor,
+        cos_sin: torch.Tensor,
+        *cache_args: Any,
+        scales: dict[str, torch.Tensor] | None = None,
+        lora: dict[str, list[LoRADelta]] | None = None,
     ) -> torch.Tensor:
-        """scales: PARA's per-sequence vectors {"q", "v", "u"} (any subset) for this layer, or None."""
-        s = scales or {}
-        h = x + self.attention(self.attention_norm(x), cos_sin, *cache_args, scale_q=s.get("q"), scale_v=s.get("v"))
-        return h + self.feed_forward(self.ffn_norm(h), scale_u=s.get("u"))
+        """scales: an adapter's per-sequence vectors {"q", "k", "v", "u"} (any subset) for this layer;
+        lora: per-projection low-rank updates {"q", "k", "v", "o", "gate", "up", "down"}."""
+        h = x + self.attention(self.attention_norm(x), cos_sin, *cache_args, scales=scales, lora=lora)
+        return h + self.feed_forward(self.ffn_norm(h), scale_u=(scales or {}).get("u"), lora=lora)
 
 
 class Llama(nn.Module):
@@ -188,15 +243,16 @@ class Llama(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,
-        adapter: PARAAdapter | None = None,
+        adapter: Adapter | None = None,
         prompt_lens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Full causal forward with no cache, the reference for every faster path.
 
         tokens: (B, T) int64 → logits (B, T, vocab) float32.
-        adapter: a PARA adapter; each layer then computes its vectors from its own input at each row's
-        last prompt token, `prompt_lens - 1` (prompt_lens: (B,) in [1, T]; None = the whole row is the
-        prompt), and scales Q, V, FFN-up of every position of that row.
+        adapter: a `model.peft` adapter (PARA, (IA)³ or LoRA) applied to every row. PARA computes each
+        layer's vectors from the layer's input at each row's last prompt token, `prompt_lens - 1`
+        (prompt_lens: (B,) in [1, T]; None = the whole row is the prompt), and scales every position
+        of that row; (IA)³ and LoRA ignore prompt_lens.
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
@@ -206,14 +262,14 @@ class Llama(nn.Module):
         if prompt_lens is not None:
             self._check_prompt_lens(prompt_lens, B, T)
         if adapter is not None:
-            self._check_adapter(adapter)
+            self.check_adapter(adapter)
             if prompt_lens is None:
                 prompt_lens = torch.full((B,), T, dtype=torch.long, device=tokens.device)
         h = self.tok_embeddings(tokens)  # (B, T, d)
         cos_sin = self.rope_cos_sin[:T]
         for i, layer in enumerate(self.layers):
-            scales = None if adapter is None else adapter.vectors(i, h, prompt_lens)  # {"q": (B, H·hd), ...}
-            h = layer(h, cos_sin, scales=scales)
+            scales, lora = (None, None) if adapter is None else adapter.layer(i, h, prompt_lens)
+            h = layer(h, cos_sin, scales=scales, lora=lora)
         return self.output(self.norm(h)).float()
 
     @staticmethod
@@ -224,10 +280,19 @@ class Llama(nn.Module):
         if B and (int(prompt_lens.min()) < 1 or int(prompt_lens.max()) > T):
             raise ValueError(f"prompt_lens must lie in [1, {T}], got {prompt_lens.tolist()}")
 
-    def _check_adapter(self, adapter: PARAAdapter) -> None:
+    def check_adapter(self, adapter: Adapter) -> None:
+        """A clear error for an object that is not an adapter, or one made for a model of another shape."""
+        from model.peft import Adapter
+
+        if not isinstance(adapter, Adapter):
+            raise ValueError(f"adapter must be a model.peft adapter, got {type(adapter).__name__}")
         a, b = adapter.args, self.args
         if (a.n_layers, a.dim, a.q_dim, a.kv_dim, a.ffn_dim) != (b.n_layers, b.dim, b.q_dim, b.kv_dim, b.ffn_dim):
-            raise ValueError("adapter was built for a model of another shape (n_layers, dim, q/kv/ffn widths)")
+            raise ValueError(
+                f"{adapter.method} adapter was built for a model of another shape (n_layers, dim, q/kv/ffn widths "
+                f"{a.n_layers}, {a.dim}, {a.q_dim}/{a.kv_dim}/{a.ffn_dim}; this model has "
+                f"{b.n_layers}, {b.dim}, {b.q_dim}/{b.kv_dim}/{b.ffn_dim})"
+            )
 
     def forward_step(
         self, tokens: torch.Tensor, step: StepBatch, k_cache: torch.Tensor, v_cache: torch.Tensor
@@ -239,15 +304,15 @@ class Llama(nn.Module):
         """
         h = self.tok_embeddings(tokens)  # (M, d)
         cos_sin = self.rope_cos_sin[step.positions]  # (M, hd/2, 2)
-        para = step.para
-        # decode: nothing to compute, so every layer's vectors come from one gather per projection
+        ad = step.adapters
+        # decode: nothing to compute, so every layer's vectors come from one gather per pool
         gathered = None
-        if para is not None and not para.compute:
-            gathered = {t: p[:, para.row_slots] for t, p in para.pools.items()}  # (n_layers, M, width)
+        if ad is not None and not ad.compute:
+            gathered = {t: p[:, ad.row_slots] for t, p in ad.pools.items()}  # (n_layers, M, width)
         for i, layer in enumerate(self.layers):
-            scales = None if para is None else para.layer_scales(i, h, gathered)
-            # V is scaled before write_kv, so the cache holds l_v ⊙ V and decode never rescales it
-            h = layer(h, cos_sin, step, k_cache[i], v_cache[i], scales=scales)
+            scales, lora = (None, None) if ad is None else ad.layer(i, h, gathered)
+            # K/V are scaled before write_kv, so the cache holds l_v ⊙ V and is never rescaled
+            h = layer(h, cos_sin, step, k_cache[i], v_cache[i], scales=scales, lora=lora)
         if step.logit_rows is not None:
             h = h[step.logit_rows]
         return self.output(self.norm(h)).float()

@@ -213,3 +213,37 @@ def hf_oracle(sd: dict[str, torch.Tensor], config):
 @torch.no_grad()
 def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     return model(input_ids=tokens).logits.float()
+
+
+# the tiny model that adapter tests share: non-power-of-2 vocab and FFN, GQA by default
+TINY = {"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 97, "hidden_dim": 96}
+
+
+def tiny_meta_model(n_kv_heads: int = 2, seed: int = 0):
+    """(Llama with random Meta weights in eval mode, those weights) for the TINY shape."""
+    from model import Llama, ModelArgs
+
+    t = TINY
+    sd = random_meta_state_dict(
+        t["dim"], t["n_layers"], t["n_heads"], n_kv_heads, t["vocab_size"], t["hidden_dim"], seed
+    )
+    with torch.device("meta"):
+        model = Llama(ModelArgs(**t, n_kv_heads=n_kv_heads, max_seq_len=64))
+    model.load_weights({k: v.clone() for k, v in sd.items()})
+    model.setup_rope("cpu")
+    return model.eval(), sd
+
+
+def tiny_hf_oracle(sd: dict[str, torch.Tensor], n_kv_heads: int = 2):
+    """transformers' LlamaForCausalLM holding the TINY model's weights."""
+    import transformers
+
+    t = TINY
+    config = transformers.LlamaConfig(
+        num_hidden_layers=t["n_layers"], hidden_act="silu", attention_bias=False, mlp_bias=False,
+        vocab_size=t["vocab_size"], hidden_size=t["dim"], intermediate_size=t["hidden_dim"],
+        num_attention_heads=t["n_heads"], num_key_value_heads=n_kv_heads, rms_norm_eps=1e-5,
+        max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    return hf_oracle(sd, config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from infer.generate import main
 
@@ -38,3 +39,39 @@ def test_json_output_batches_prompts(capsys, smollm2):
 def test_chat_streams_text(capsys, smollm2):
     assert main(["--chat", "--max-new-tokens", "12", "--prompt", "What is the capital of France?"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+def test_adapter_per_prompt(tmp_path, capsys, smollm2):
+    """--adapter once per prompt ('none' = base): each row equals the engine run with that adapter."""
+    from infer.engine import Engine
+    from infer.sampling import SamplingParams
+    from model.peft import LoRAConfig, PARAConfig, create_adapter
+
+    torch.manual_seed(0)
+    para, lora = create_adapter(smollm2, PARAConfig()), create_adapter(smollm2, LoRAConfig(r=4))
+    with torch.no_grad():
+        for layer in para.layers:
+            layer["para"].up.weight.normal_(0, 0.02)  # larger blows l up to chaos
+        for layer in lora.layers:
+            for ab in layer.values():
+                ab.lora_B.weight.normal_(0, 0.05)
+    para.save(tmp_path / "para")
+    lora.save(tmp_path / "lora")
+    prompts = ["The capital of France is", "1, 2, 3,", "Once upon a time"]
+    dirs = [str(tmp_path / "para"), "none", str(tmp_path / "lora")]
+    argv = ["--json", "--max-new-tokens", "5"]
+    argv += [a for p, d in zip(prompts, dirs) for a in ("--prompt", p, "--adapter", d)]
+    assert main(argv) == 0
+    rows = [json.loads(line)["output_ids"] for line in capsys.readouterr().out.strip().splitlines()]
+    engine = Engine(smollm2, num_blocks=64)
+    engine.add_adapter("para", para)
+    engine.add_adapter("lora", lora)
+    params = SamplingParams(max_new_tokens=5)
+    expected = [engine.generate(p, params, adapters=[n])[0].token_ids for p, n in zip(prompts, ["para", None, "lora"])]
+    assert rows == expected
+    assert rows[0] != engine.generate(prompts[0], params)[0].token_ids  # the adapter was really applied
+
+    assert main(["--prompt", "a", "--prompt", "b", "--prompt", "c", "--adapter", "x", "--adapter", "y"]) == 2
+    assert "--adapter given 2 times for 3 prompts" in capsys.readouterr().err
+    assert main(["--prompt", "a", "--adapter", str(tmp_path / "missing")]) == 2
+    assert "not an adapter directory" in capsys.readouterr().err

@@ -5,26 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 
 from model import Llama, ModelArgs
 from model.peft import PARAAdapter, PARAConfig, create_adapter
-from tests.helpers import hf_oracle, hf_permute, random_meta_state_dict
+from tests.helpers import TINY, hf_permute, tiny_hf_oracle, tiny_meta_model
 
-DIM, N_LAYERS, N_HEADS, VOCAB, FFN = 64, 2, 4, 97, 96
+DIM, N_LAYERS, N_HEADS, VOCAB, FFN = (TINY[k] for k in ("dim", "n_layers", "n_heads", "vocab_size", "hidden_dim"))
 
 
 def _model(n_kv_heads: int = 2, seed: int = 0) -> tuple[Llama, dict[str, torch.Tensor]]:
-    sd = random_meta_state_dict(DIM, N_LAYERS, N_HEADS, n_kv_heads, VOCAB, FFN, seed)
-    args = ModelArgs(
-        dim=DIM, n_layers=N_LAYERS, n_heads=N_HEADS, n_kv_heads=n_kv_heads, vocab_size=VOCAB, hidden_dim=FFN,
-        max_seq_len=64,
-    )  # fmt: skip
-    with torch.device("meta"):
-        model = Llama(args)
-    model.load_weights({k: v.clone() for k, v in sd.items()})
-    model.setup_rope("cpu")
-    return model.eval(), sd
+    return tiny_meta_model(n_kv_heads, seed)
 
 
 def _randomize(adapter: PARAAdapter, seed: int = 1) -> None:
@@ -121,15 +111,7 @@ def test_para_matches_independent_transformers_implementation(n_kv, adjust, acti
     model, sd = _model(n_kv)
     adapter = create_adapter(model, PARAConfig(adjust=adjust, activation=activation))
     _randomize(adapter)
-    hf = hf_oracle(
-        sd,
-        transformers.LlamaConfig(
-            num_hidden_layers=N_LAYERS, hidden_act="silu", attention_bias=False, mlp_bias=False,
-            vocab_size=VOCAB, hidden_size=DIM, intermediate_size=FFN, num_attention_heads=N_HEADS,
-            num_key_value_heads=n_kv, rms_norm_eps=1e-5, max_position_embeddings=64,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
-        ),
-    )  # fmt: skip
+    hf = tiny_hf_oracle(sd, n_kv)
     tokens = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(2))
     prompt_lens = torch.tensor([5, 9, 12])  # tokens after each prompt are its "response"
     with torch.no_grad():

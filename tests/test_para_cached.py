@@ -9,8 +9,8 @@ from infer.cache import BlockTable, PagedKVCache
 from infer.engine import Engine
 from infer.sampling import SamplingParams
 from model import Llama, ModelArgs
-from model.llama import ParaStep
-from model.peft import PARAConfig, create_adapter
+from model.llama import AdapterStep
+from model.peft import IA3Config, LoRAConfig, PARAConfig, create_adapter
 
 
 def tiny() -> Llama:
@@ -44,7 +44,7 @@ def test_cached_para_equals_no_cache_forward_with_prefill_vectors():
     seqs = [torch.randint(0, 61, (n + 6,)) for n in prompt_lens]
     cache = PagedKVCache(model.args, num_blocks=32, block_size=4)
     tables = [BlockTable() for _ in seqs]
-    pools = ParaStep.make_pools(model.args, 3)
+    pools = {t: AdapterStep.make_pool(model.args, t, 3) for t in ("q", "v", "u")}
 
     step = cache.prepare_step(tables, prompt_lens, all_logits=True)
     first = [0, 7, 19]
@@ -53,14 +53,14 @@ def test_cached_para_equals_no_cache_forward_with_prefill_vectors():
         for a, f, n, s in zip(adapters, first, prompt_lens, slots)
         if a
     ]
-    step.para = ParaStep(pools, torch.tensor([s for s, n in zip(slots, prompt_lens) for _ in range(n)]), compute)
+    step.adapters = AdapterStep(pools, torch.tensor([s for s, n in zip(slots, prompt_lens) for _ in range(n)]), compute)
     got = model.forward_step(torch.cat([s[:n] for s, n in zip(seqs, prompt_lens)]), step, cache.k, cache.v)
     ref = torch.cat([model(s[None, :n], adapter=a)[0] for s, n, a in zip(seqs, prompt_lens, adapters)])
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
     for t in range(6):
         step = cache.prepare_step(tables, [1, 1, 1])
-        step.para = ParaStep(pools, torch.tensor(slots), [])  # decode: vectors only gathered
+        step.adapters = AdapterStep(pools, torch.tensor(slots))  # decode: vectors only gathered
         got = model.forward_step(torch.stack([s[n + t] for s, n in zip(seqs, prompt_lens)]), step, cache.k, cache.v)
         for row, (s, n, a) in enumerate(zip(seqs, prompt_lens, adapters)):
             full = model(s[None, : n + t + 1], adapter=a, prompt_lens=torch.tensor([n]))[0, -1]
@@ -127,3 +127,67 @@ def test_adapter_registry_errors():
         engine.step()
     engine.remove_adapter("a")
     assert "a" not in engine.adapters
+
+
+def _trained(model: Llama, cfg, seed: int):
+    """(IA)³ vectors ≠ 1 and LoRA B ≠ 0, as after training."""
+    torch.manual_seed(seed)
+    adapter = create_adapter(model, cfg)
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if "lora_A" not in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return adapter
+
+
+@torch.no_grad()
+def test_mixed_methods_each_row_equals_its_solo_run():
+    """PARA, (IA)³, two LoRAs and base rows in one engine: logits of the mixed prefill and decode steps
+    equal each row's no-cache forward, and greedy tokens (with beams) equal each request run alone."""
+    model = tiny()
+    engine = Engine(model, num_blocks=96, block_size=4)
+    adapters = {
+        "para": random_adapter(model, 1),
+        "ia3": _trained(model, IA3Config(), 2),
+        "lora": _trained(model, LoRAConfig(r=4, lora_alpha=8), 3),
+        "lora-all": _trained(model, LoRAConfig(r=2, target_modules=("q_proj", "o_proj", "gate_proj", "down_proj")), 4),
+    }
+    for name, a in adapters.items():
+        engine.add_adapter(name, a)
+    names = ["para", "ia3", None, "lora", "lora-all", "ia3", "para"]
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (5, 9, 13, 7, 4, 6, 10)]
+
+    # one prefill step over all seven, then decode steps, straight through forward_step
+    reqs = [engine.add_request(p, SamplingParams(max_new_tokens=4), adapter=n) for p, n in zip(prompts, names)]
+    admitted = engine._admit()
+    assert admitted == reqs
+    seqs = [list(p) for p in prompts]
+    counts = [len(p) for p in prompts]
+    for t in range(3):
+        step = engine.cache.prepare_step([r.seqs[0].table for r in reqs], counts, all_logits=t == 0)
+        step.adapters = engine._adapter_step(reqs, counts, compute=t == 0)
+        new = [s for s in seqs] if t == 0 else [s[-1:] for s in seqs]
+        got = model.forward_step(torch.tensor([x for s in new for x in s]), step, engine.cache.k, engine.cache.v)
+        first = 0
+        for j, (s, n, name) in enumerate(zip(seqs, counts, names)):
+            a = adapters.get(name)
+            ref = model(torch.tensor([s]), adapter=a, prompt_lens=torch.tensor([len(prompts[j])]))[0]
+            rows = got[first : first + n] if t == 0 else got[j : j + 1]
+            torch.testing.assert_close(rows, ref[-n:] if t == 0 else ref[-1:], rtol=1e-5, atol=1e-5)
+            if a is not None:  # every adapter really moves its rows
+                assert (ref - model(torch.tensor([s]))[0]).abs().max() > 1e-3, name
+            first += n
+        for s, n in zip(seqs, counts):
+            s.append((7 * len(s) + n) % 61)
+        counts = [1] * len(seqs)
+    for r in reqs:
+        engine._finish(r, "length")
+    assert len(engine.free_slots) == engine.max_batch and engine.cache.allocator.num_free == 96
+
+    params = [SamplingParams(max_new_tokens=8, ignore_eos=True)] * 6 + [
+        SamplingParams(max_new_tokens=6, beams=3, ignore_eos=True)
+    ]
+    batch = engine.generate(prompts, params, adapters=names)
+    solo = [engine.generate(p, sp, adapters=[n])[0] for p, sp, n in zip(prompts, params, names)]
+    assert [o.token_ids for o in batch] == [o.token_ids for o in solo]

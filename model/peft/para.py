@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from model.args import ModelArgs
-
-if TYPE_CHECKING:
-    from model.llama import Llama
+from model.peft.base import Adapter, AdapterError
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,  # exact erf GELU (torch's default), as in the paper
@@ -67,45 +66,50 @@ class VectorGenerator(nn.Module):
         return self.up(self.act(self.down(pooled)))
 
 
-class PARAAdapter(nn.Module):
+class PARAAdapter(Adapter):
     """One VG per layer; state dict names `layers.{i}.para.{down.weight, up.weight, up.bias}`."""
 
+    method = "para"
+    prompt_aware = True
+
     def __init__(self, args: ModelArgs, config: PARAConfig | None = None) -> None:
-        super().__init__()
-        self.args, self.config = args, config or PARAConfig()
-        sizes = {"q": args.q_dim, "v": args.kv_dim, "u": args.ffn_dim}  # v is n_kv_heads·hd under GQA
-        self.sizes = {t: sizes[t] for t in self.config.adjust}
+        super().__init__(args, config or PARAConfig())
+        # v is n_kv_heads·hd under GQA
+        self.sizes = {t: args.scale_width(t) for t in self.config.adjust}
+        self.scale_targets = tuple(self.sizes)
         n_out = sum(self.sizes.values())
         self.layers = nn.ModuleList(
             nn.ModuleDict({"para": VectorGenerator(args.dim, self.config.r, n_out, self.config.activation)})
             for _ in range(args.n_layers)
         )
 
-    def vectors(self, i: int, h: torch.Tensor, prompt_lens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Layer i's scale vectors from its input h (B, T, d) → {"q": (B, q_dim), "v": (B, kv_dim), "u": (B, ffn)}.
+    def scales(self, i: int, pooled: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Layer i's vectors from the pooled layer inputs (B, d) → {"q": (B, q_dim), "v": (B, kv_dim), "u": (B, ffn)}.
 
-        Pooler choice (PARA.md §2): h is the layer's INPUT, i.e. the residual stream before
-        attention_norm, taken at each row's last prompt token `prompt_lens - 1`.
+        Pooler choice (PARA.md §2): the layer's INPUT, i.e. the residual stream before attention_norm,
+        at each row's last prompt token (the caller pools: `Adapter.layer` or the engine's prefill).
         """
-        B = h.shape[0]
-        pooled = h[torch.arange(B, device=h.device), prompt_lens.to(h.device) - 1]  # (B, d)
-        return self.vectors_from_pooled(i, pooled)
-
-    def vectors_from_pooled(self, i: int, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Layer i's vectors from already pooled hidden states (B, d); the cached path pools itself."""
+        if pooled is None:
+            raise ValueError("PARA vectors need the pooled prompt hidden states")
         l = self.layers[i]["para"](pooled)  # (B, n_out)
         return dict(zip(self.sizes, l.split(list(self.sizes.values()), dim=-1)))
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.state_dict())
 
-    def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.trainable_parameters())
+    def file_config(self) -> dict[str, Any]:
+        c = self.config
+        return {"method": self.method, "r": c.r, "activation": c.activation, "adjust": list(c.adjust)}
 
+    @classmethod
+    def from_file(cls, args: ModelArgs, config: dict[str, Any], where: Path) -> PARAAdapter:
+        try:
+            cfg = PARAConfig(r=config["r"], activation=config["activation"], adjust=tuple(config["adjust"]))
+        except KeyError as e:
+            raise AdapterError(f"{where}: field {e.args[0]!r} is missing") from None
+        except (ValueError, TypeError) as e:
+            raise AdapterError(f"{where}: {e}") from None
+        return cls(args, cfg)
 
-def create_adapter(model: Llama, config: PARAConfig | None = None) -> PARAAdapter:
-    """A fresh (identity) PARA adapter for `model`, on the model's device and dtype."""
-    w = model.tok_embeddings.weight
-    with torch.device(w.device):
-        adapter = PARAAdapter(model.args, config)
-    return adapter.to(dtype=w.dtype)
+    def load_file_tensors(self, tensors: dict[str, torch.Tensor], where: Path) -> None:
+        self.load_state_dict(tensors)
