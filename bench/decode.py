@@ -1,6 +1,9 @@
 """Decode benchmark in the PARA paper's Table-4 method: prompt 274 tokens, 32 new tokens, batch 1.
 
-    python bench/decode.py [--runs 5] [--beams 1 3] [--json out.json]
+    python bench/decode.py [--runs 5] [--beams 1 3] [--methods base para ia3 lora] [--batch 1 8] [--json out.json]
+
+Methods run on fresh adapters (PARA r=12 on q/v/u, (IA)³ on k/v/down, LoRA r=8 on q/v, unmerged);
+"mixed" gives the requests of a batch base, PARA, (IA)³ and LoRA in turn.
 
 tokens/s = new tokens / wall time including prefill (the paper's figure); decode tok/s excludes
 the prefill, timed separately as a 1-token generation. Peers run in the same process on the same
@@ -24,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from infer.engine import Engine  # noqa: E402
 from infer.sampling import SamplingParams  # noqa: E402
 from model import Llama  # noqa: E402
+from model.peft import IA3Config, LoRAConfig, PARAConfig, create_adapter  # noqa: E402
 from weights.default import default_gguf_path  # noqa: E402
 
 TEXT = (
@@ -51,34 +55,56 @@ def timed(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def row(engine: str, beams: int, prompt_len: int, new: int, t_total: float, t_prefill: float, kv_bytes: int) -> dict:
+METHODS = ("base", "para", "ia3", "lora")
+
+
+def row(
+    engine: str,
+    beams: int,
+    prompt_len: int,
+    new: int,
+    t_total: float,
+    t_prefill: float,
+    kv_bytes: int,
+    method: str = "base",
+    batch: int = 1,
+) -> dict:
     return {
         "engine": engine,
-        "method": "base",
+        "method": method,
         "beams": beams,
-        "batch": 1,
-        "tenants": 1,
+        "batch": batch,
+        "tenants": 1 if method != "mixed" else len(METHODS),
         "prompt_len": prompt_len,
         "new_tokens": new,
-        "tps": new / t_total,
-        "decode_tps": (new - 1) / max(t_total - t_prefill, 1e-9),
-        "prefill_tps": prompt_len / t_prefill,
+        "tps": batch * new / t_total,
+        "decode_tps": batch * (new - 1) / max(t_total - t_prefill, 1e-9),
+        "prefill_tps": batch * prompt_len / t_prefill,
         "peak_mem_mib": float("nan"),
         "kv_bytes": kv_bytes,
     }
 
 
-def bench_parallama(model: Llama, ids: list[int], new: int, beams: int, runs: int) -> dict:
-    engine = Engine(model, num_blocks=256)
+def bench_parallama(
+    model: Llama, ids: list[int], new: int, beams: int, runs: int, method: str = "base", batch: int = 1
+) -> dict:
+    engine = Engine(model, num_blocks=64 * batch * beams, max_batch=max(32, batch * beams))
+    configs = {"para": PARAConfig(), "ia3": IA3Config(), "lora": LoRAConfig()}
+    for name, cfg in configs.items():
+        engine.add_adapter(name, create_adapter(model, cfg))
+    cycle = METHODS if method == "mixed" else (method,)
+    adapters = [None if (m := cycle[i % len(cycle)]) == "base" else m for i in range(batch)]
 
     def run(n: int):
-        out = engine.generate(ids, SamplingParams(max_new_tokens=n, beams=beams, ignore_eos=True))[0]
-        assert len(out.token_ids) == n or beams > 1
+        params = SamplingParams(max_new_tokens=n, beams=beams, ignore_eos=True)
+        outs = engine.generate([ids] * batch, params, adapters=adapters)
+        assert all(len(o.token_ids) == n for o in outs) or beams > 1
 
     t_prefill = timed(lambda: run(1), runs)
     t_total = timed(lambda: run(new), runs)
     per_token = 2 * model.args.n_layers * model.args.kv_dim * model.tok_embeddings.weight.element_size()
-    return row("parallama", beams, len(ids), new, t_total, t_prefill, per_token * (len(ids) + new) * beams)
+    kv = per_token * (len(ids) + new) * beams * batch
+    return row("parallama", beams, len(ids), new, t_total, t_prefill, kv, method, batch)
 
 
 def bench_transformers(ids: list[int], new: int, beams: int, runs: int) -> dict:
@@ -120,6 +146,8 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=274)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--beams", type=int, nargs="+", default=[1])
+    ap.add_argument("--methods", nargs="+", default=["base"], choices=[*METHODS, "mixed"])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1], help="requests generated together")
     ap.add_argument("--no-peers", action="store_true", help="skip transformers")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
@@ -128,8 +156,10 @@ def main() -> int:
     ids = make_prompt(model.tokenizer, a.prompt_len)
     rows = []
     for beams in a.beams:
-        print(f"parallama beams={beams} ...", file=sys.stderr, flush=True)
-        rows.append(bench_parallama(model, ids, a.new_tokens, beams, a.runs))
+        for batch in a.batch:
+            for method in a.methods:
+                print(f"parallama {method} beams={beams} batch={batch} ...", file=sys.stderr, flush=True)
+                rows.append(bench_parallama(model, ids, a.new_tokens, beams, a.runs, method, batch))
         if not a.no_peers:
             print(f"transformers beams={beams} ...", file=sys.stderr, flush=True)
             rows.append(bench_transformers(ids, a.new_tokens, beams, a.runs))
@@ -137,14 +167,17 @@ def main() -> int:
     machine = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor(),
                "threads": torch.get_num_threads()}  # fmt: skip
     print(f"\nSmolLM2-135M fp32 CPU, prompt {a.prompt_len}, {a.new_tokens} new, median of {a.runs}\n")
-    print("| engine | beams | tok/s | decode tok/s | prefill tok/s |")
-    print("|---|---|---|---|---|")
+    print("| engine | method | beams | batch | tok/s | decode tok/s | prefill tok/s | decode vs base |")
+    print("|---|---|---|---|---|---|---|---|")
+    by = {(r["engine"], r["method"], r["beams"], r["batch"]): r for r in rows}
     for r in rows:
-        print(f"| {r['engine']} | {r['beams']} | {r['tps']:.1f} | {r['decode_tps']:.1f} | {r['prefill_tps']:.0f} |")
-    base = {(r["engine"], r["beams"]): r for r in rows}
+        b = by.get((r["engine"], "base", r["beams"], r["batch"]))
+        rel = f"{r['decode_tps'] / b['decode_tps']:.3f}x" if b else "-"
+        print(f"| {r['engine']} | {r['method']} | {r['beams']} | {r['batch']} | {r['tps']:.1f} | "
+              f"{r['decode_tps']:.1f} | {r['prefill_tps']:.0f} | {rel} |")  # fmt: skip
     for beams in a.beams:
-        if ("transformers", beams) in base:
-            p, t = base[("parallama", beams)], base[("transformers", beams)]
+        p, t = by.get(("parallama", "base", beams, 1)), by.get(("transformers", "base", beams, 1))
+        if p and t:
             ratios = {k: p[k] / t[k] for k in ("tps", "decode_tps", "prefill_tps")}
             print(f"\nbeams={beams}: parallama/transformers tok/s {ratios['tps']:.2f}x, "
                   f"decode {ratios['decode_tps']:.2f}x, prefill {ratios['prefill_tps']:.2f}x")  # fmt: skip
