@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import reference as ops
+from kernels import reference
+from kernels.ops import TORCH_OPS, Ops, get_ops, resolve_backend
 from model.args import ModelArgs
 
 if TYPE_CHECKING:
@@ -97,17 +98,21 @@ class StepBatch:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, ops: Ops = TORCH_OPS) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.ops = eps, ops
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 def _project(
-    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, lora: list[LoRADelta] | None = None
+    ops: Ops,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    lora: list[LoRADelta] | None = None,
 ) -> torch.Tensor:
     """x @ wᵀ with an adapter's per-row column scale and/or unmerged LoRA updates (a row has one or the other)."""
     y = ops.linear_scale(x, w, scale)
@@ -117,8 +122,9 @@ def _project(
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, ops: Ops = TORCH_OPS) -> None:
         super().__init__()
+        self.ops = ops
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.wq = nn.Linear(args.dim, args.q_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.kv_dim, bias=False)
@@ -141,11 +147,11 @@ class Attention(nn.Module):
         before RoPE (one row per sequence broadcast over T, or one per packed row (M, ·) with `step`);
         lora "q"/"k"/"v"/"o": unmerged low-rank updates of those projections.
         """
-        s, lo = scales or {}, lora or {}
+        ops, s, lo = self.ops, scales or {}, lora or {}
         lead = x.shape[:-1]
-        q = _project(x, self.wq.weight, s.get("q"), lo.get("q"))  # (B, T, H·hd) | (M, H·hd): scaled before RoPE
-        k = _project(x, self.wk.weight, s.get("k"), lo.get("k"))  # (B, T, H_kv·hd) | (M, H_kv·hd)
-        v = _project(x, self.wv.weight, s.get("v"), lo.get("v"))
+        q = _project(ops, x, self.wq.weight, s.get("q"), lo.get("q"))  # (B, T, H·hd) | (M, H·hd): scaled before RoPE
+        k = _project(ops, x, self.wk.weight, s.get("k"), lo.get("k"))  # (B, T, H_kv·hd) | (M, H_kv·hd)
+        v = _project(ops, x, self.wv.weight, s.get("v"), lo.get("v"))
         q = q.view(*lead, self.n_heads, self.head_dim)  # (B, T, H, hd) | (M, H, hd)
         k = k.view(*lead, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, hd) | (M, H_kv, hd)
         v = v.view(*lead, self.n_kv_heads, self.head_dim)
@@ -158,14 +164,15 @@ class Attention(nn.Module):
                 q, k_cache, v_cache, step.block_tables, step.seq_lens,
                 step.positions, step.row_to_seq, step.row_index, step.max_rows,
             )  # fmt: skip
-        return _project(out.reshape(*lead, -1), self.wo.weight, lora=lo.get("o"))
+        return _project(ops, out.reshape(*lead, -1), self.wo.weight, lora=lo.get("o"))
 
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x); Meta's w1 = gate, w3 = up, w2 = down."""
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, ops: Ops = TORCH_OPS) -> None:
         super().__init__()
+        self.ops = ops
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
@@ -175,22 +182,22 @@ class FeedForward(nn.Module):
     ) -> torch.Tensor:
         """x: (B, T, d) | (M, d); scale_u (B | M, hidden): an adapter's scale of the up projection
         (PARA's l_u; (IA)³'s down-proj input scale, since silu(g)·u·l = silu(g)·(l·u)); lora "gate"/"up"/"down"."""
-        lo = lora or {}
+        ops, lo = self.ops, lora or {}
         if lo.get("gate") or lo.get("up"):  # LoRA on gate/up: the two GEMMs cannot be fused
-            gate = _project(x, self.w1.weight, lora=lo.get("gate"))
-            hidden = F.silu(gate) * _project(x, self.w3.weight, scale_u, lo.get("up"))
+            gate = _project(ops, x, self.w1.weight, lora=lo.get("gate"))
+            hidden = F.silu(gate) * _project(ops, x, self.w3.weight, scale_u, lo.get("up"))
         else:
             hidden = ops.gated_up(x, self.w1.weight, self.w3.weight, scale_u=scale_u)
-        return _project(hidden, self.w2.weight, lora=lo.get("down"))
+        return _project(ops, hidden, self.w2.weight, lora=lo.get("down"))
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, ops: Ops = TORCH_OPS) -> None:
         super().__init__()
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, args.ffn_dim)
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args, ops)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim, ops)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, ops)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, ops)
 
     def forward(
         self,
@@ -207,12 +214,15 @@ class TransformerBlock(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, backend: str = "torch") -> None:
+        """backend: "torch" (the PyTorch reference ops) or "triton" (fused kernels; see kernels/ops.py),
+        fixed here for every layer. `from_pretrained` resolves "auto" and PARALLAMA_BACKEND."""
         super().__init__()
         self.args = args
+        self.ops = ops = get_ops(backend)
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.layers = nn.ModuleList(TransformerBlock(args, ops) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps, ops)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -228,7 +238,7 @@ class Llama(nn.Module):
                 "rope_cos_sin", torch.empty(a.max_seq_len, a.head_dim // 2, 2, device="meta"), persistent=False
             )
             return
-        inv_freq = ops.rope_frequencies(
+        inv_freq = reference.rope_frequencies(
             a.head_dim,
             a.rope_theta,
             scaled=a.use_scaled_rope,
@@ -237,7 +247,7 @@ class Llama(nn.Module):
             high_freq_factor=a.rope_high_freq_factor,
             original_max_seq_len=a.rope_original_max_seq_len,
         )
-        table = ops.rope_table(inv_freq, a.max_seq_len).to(device)
+        table = reference.rope_table(inv_freq, a.max_seq_len).to(device)
         self.register_buffer("rope_cos_sin", table, persistent=False)  # (max_seq_len, hd/2, 2)
 
     def forward(
@@ -348,21 +358,25 @@ class Llama(nn.Module):
         source: str | os.PathLike[str] = "default",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        backend: str = "auto",
         **overrides: Any,
     ) -> Llama:
         """Load "default" (SmolLM2-135M-Instruct), a Meta dir, an HF dir or a .gguf file.
 
-        `overrides` replace ModelArgs fields (e.g. max_seq_len=4096). Returns the model in eval
-        mode with `.tokenizer` and `.args`.
+        backend: "auto" (triton on CUDA, torch elsewhere), "torch" or "triton"; the environment
+        variable PARALLAMA_BACKEND overrides it. `overrides` replace ModelArgs fields (e.g.
+        max_seq_len=4096). Returns the model in eval mode with `.tokenizer` and `.args`.
         """
         from weights import load_checkpoint
+
+        backend = resolve_backend(backend, device)  # before the (slow) load: a bad backend answers at once
 
         ckpt = load_checkpoint(source)
         args = ckpt.args
         if overrides:
             args = ModelArgs.from_dict({**args.to_dict(), **overrides})
         with torch.device("meta"):
-            model = cls(args)
+            model = cls(args, backend=backend)
         sd = {k: v.to(device=device, dtype=dtype) for k, v in ckpt.state_dict.items()}
         model.load_weights(sd, source=str(ckpt.path))
         model.setup_rope(device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+if not torch.cuda.is_available():
+    # Triton kernels on CPU run in its interpreter, which triton picks at import time (peft and
+    # transformers import triton): set it before any test module is collected
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def smollm2_gguf() -> Path | None:

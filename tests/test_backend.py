@@ -1,0 +1,128 @@
+"""backend="triton" (fused kernels, Triton's interpreter on CPU) equals backend="torch" on the whole model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infer.cache import BlockTable, PagedKVCache
+from infer.engine import Engine
+from infer.sampling import SamplingParams
+from kernels.ops import get_ops, resolve_backend
+from model import Llama, ModelArgs
+from model.llama import AdapterStep
+from model.peft import IA3Config, PARAConfig, create_adapter
+from tests.helpers import random_meta_state_dict
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+    reason="needs CUDA or TRITON_INTERPRET=1",
+)
+ARGS = ModelArgs(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=83, hidden_dim=160, max_seq_len=96)
+
+
+def _pair() -> tuple[Llama, Llama]:
+    sd = random_meta_state_dict(96, 2, 6, 2, 83, 160, seed=0)
+    models = []
+    for backend in ("torch", "triton"):
+        with torch.device("meta"):
+            m = Llama(ARGS, backend=backend)
+        m.load_weights({k: v.clone() for k, v in sd.items()})
+        m.setup_rope("cpu")
+        models.append(m.eval())
+    return models[0], models[1]
+
+
+def _para(model: Llama, seed: int):
+    torch.manual_seed(seed)
+    a = create_adapter(model, PARAConfig())
+    with torch.no_grad():
+        for layer in a.layers:
+            layer["para"].up.weight.normal_(0, 0.3)
+    return a
+
+
+@torch.no_grad()
+def test_no_cache_forward_matches_with_para():
+    ref, tri = _pair()
+    assert tri.ops.backend == "triton" and ref.ops.backend == "torch"
+    adapter = _para(ref, 1)
+    tokens = torch.randint(0, 83, (3, 13), generator=torch.Generator().manual_seed(0))
+    lens = torch.tensor([4, 13, 9])
+    want = ref(tokens, adapter=adapter, prompt_lens=lens)
+    got = tri(tokens, adapter=adapter, prompt_lens=lens)
+    print(f"no-cache max |Δ logits| = {(got - want).abs().max():.3g}")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (want - ref(tokens)).abs().max() > 1e-2  # the adapter matters
+
+
+@torch.no_grad()
+def test_cached_prefill_and_decode_match_with_adapters():
+    """Packed prefill (twin attention, fused projections) then decode steps (Triton paged attention)."""
+    ref, tri = _pair()
+    para, ia3 = _para(ref, 2), create_adapter(ref, IA3Config())
+    with torch.no_grad():
+        for p in ia3.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    slots, lens = [1, 0, 2], [7, 18, 5]  # rows: PARA, base, (IA)³; 18 crosses block boundaries
+    seqs = [torch.randint(0, 83, (n + 5,), generator=torch.Generator().manual_seed(n)) for n in lens]
+    out = {}
+    for name, model in (("torch", ref), ("triton", tri)):
+        cache = PagedKVCache(model.args, num_blocks=32, block_size=4)
+        tables = [BlockTable() for _ in seqs]
+        pools = {t: AdapterStep.make_pool(model.args, t, 3) for t in ("q", "k", "v", "u")}
+        for i in range(model.args.n_layers):  # (IA)³ vectors are fixed: written at admission
+            for t, v in ia3.scales(i, None).items():
+                pools[t][i, 2] = v[0]
+        step = cache.prepare_step(tables, lens, all_logits=True)
+        first = [0, 7, 25]
+        step.adapters = AdapterStep(
+            pools,
+            torch.tensor([s for s, n in zip(slots, lens) for _ in range(n)]),
+            [(para, torch.tensor([first[0] + lens[0] - 1]), torch.tensor([1]))],
+        )
+        logits = [model.forward_step(torch.cat([s[:n] for s, n in zip(seqs, lens)]), step, cache.k, cache.v)]
+        for t in range(5):
+            step = cache.prepare_step(tables, [1, 1, 1])
+            step.adapters = AdapterStep(pools, torch.tensor(slots))
+            logits.append(
+                model.forward_step(torch.stack([s[n + t] for s, n in zip(seqs, lens)]), step, cache.k, cache.v)
+            )
+        out[name] = logits
+    for want, got in zip(out["torch"], out["triton"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_engine_greedy_tokens_match():
+    ref, tri = _pair()
+    prompts = [[(3 * i + j) % 83 for j in range(n)] for i, n in enumerate((6, 11, 3))]
+    params = [SamplingParams(max_new_tokens=6, ignore_eos=True)] * 2 + [SamplingParams(max_new_tokens=5, beams=2)]
+    want = [o.token_ids for o in Engine(ref, num_blocks=48, block_size=4).generate(prompts, params)]
+    got = [o.token_ids for o in Engine(tri, num_blocks=48, block_size=4).generate(prompts, params)]
+    assert got == want
+
+
+def test_training_falls_back_to_the_twins():
+    """The kernels are forward-only: with autograd recording, the twins run and gradients flow."""
+    _, tri = _pair()
+    adapter = _para(tri, 3)
+    tokens = torch.randint(0, 83, (2, 9), generator=torch.Generator().manual_seed(1))
+    tri(tokens, adapter=adapter).logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in adapter.parameters())
+
+
+def test_backend_resolution(monkeypatch):
+    monkeypatch.delenv("PARALLAMA_BACKEND", raising=False)
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("torch", "cpu") == "torch"
+    monkeypatch.setenv("PARALLAMA_BACKEND", "torch")
+    assert resolve_backend("triton", "cpu") == "torch"  # the environment wins
+    monkeypatch.setenv("PARALLAMA_BACKEND", "cuda-graphs")
+    with pytest.raises(ValueError, match="PARALLAMA_BACKEND"):
+        resolve_backend("auto", "cpu")
+    monkeypatch.delenv("PARALLAMA_BACKEND")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        resolve_backend("triton", "cpu")
+    with pytest.raises(ValueError, match="expected 'torch' or 'triton'"):
+        get_ops("auto")
