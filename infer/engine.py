@@ -22,7 +22,7 @@ from infer.beam import BeamSearch
 from infer.cache import BlockTable, CacheFullError, PagedKVCache
 from infer.sampling import SamplingParams, sample_token
 from model import Llama
-from model.llama import AdapterStep
+from model.llama import AdapterStep, scale_columns
 from model.peft import Adapter
 
 
@@ -100,7 +100,7 @@ class Engine:
             num_blocks = min(num_blocks, max_batch * math.ceil(args.max_seq_len / block_size))
         self.cache = PagedKVCache(args, num_blocks, block_size, dtype=weight.dtype, device=weight.device)
         self.adapters: dict[str, Adapter] = {}
-        # PARA / (IA)³ vectors: per scaled projection, (n_layers, max_batch + 1, width); slot 0 = identity
+        # PARA / (IA)³ vectors: "qkv" / "u" pools (n_layers, max_batch + 1, width); slot 0 = identity
         self.pools: dict[str, torch.Tensor] = {}
         self.free_slots = list(range(max_batch, 0, -1))
         self.waiting: deque[Request] = deque()
@@ -116,9 +116,10 @@ class Engine:
             raise ValueError(f"an adapter named {name!r} is already registered")
         self.model.check_adapter(adapter)
         w = self.model.tok_embeddings.weight
-        for t in adapter.scale_targets:  # ones everywhere: rows of other adapters are left unscaled
-            if t not in self.pools:
-                self.pools[t] = AdapterStep.make_pool(self.model.args, t, self.max_batch + 1, w.dtype, w.device)
+        where = scale_columns(self.model.args)
+        for pool in {where[t][0] for t in adapter.scale_targets}:  # ones: other adapters' rows stay unscaled
+            if pool not in self.pools:
+                self.pools[pool] = AdapterStep.make_pool(self.model.args, pool, self.max_batch + 1, w.dtype, w.device)
         self.adapters[name] = adapter.to(device=w.device, dtype=w.dtype).eval()
 
     def remove_adapter(self, name: str) -> None:
@@ -139,9 +140,11 @@ class Engine:
         for p in self.pools.values():
             p[:, req.slot] = 1  # adapters that scale a subset leave the rest at the identity
         if not adapter.prompt_aware:
+            where = scale_columns(self.model.args)
             for i in range(self.model.args.n_layers):
                 for t, vec in adapter.scales(i, None).items():  # (1, width)
-                    self.pools[t][i, req.slot] = vec[0]
+                    pool, cols = where[t]
+                    self.pools[pool][i, req.slot, cols] = vec[0]
 
     def _release_slot(self, req: Request) -> None:
         if req.slot:

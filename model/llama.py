@@ -5,6 +5,7 @@ Shapes: B batch, T tokens, d model width, H / H_kv query / key-value heads, hd h
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -32,6 +33,17 @@ class LoRADelta(NamedTuple):
     dropout: float = 0.0  # training-time dropout on the LoRA input
 
 
+def scale_columns(args: ModelArgs) -> dict[str, tuple[str, slice]]:
+    """Where each adapter scale lives: (pool, column slice); q, k, v share the fused QKV projection."""
+    q, kv = args.q_dim, args.kv_dim
+    return {
+        "q": ("qkv", slice(0, q)),
+        "k": ("qkv", slice(q, q + kv)),
+        "v": ("qkv", slice(q + kv, q + 2 * kv)),
+        "u": ("u", slice(0, args.ffn_dim)),
+    }
+
+
 @dataclass
 class AdapterStep:
     """Adapters on the cached path.
@@ -42,7 +54,7 @@ class AdapterStep:
     step only gathers. LoRA rows are grouped per adapter and pay their low-rank matmuls every step.
     """
 
-    pools: dict[str, torch.Tensor]  # "q" / "k" / "v" / "u" → (n_layers, n_slots, width)
+    pools: dict[str, torch.Tensor]  # "qkv" (q | k | v columns) / "u" → (n_layers, n_slots, width)
     row_slots: torch.Tensor  # (M,) the pool row each packed row reads
     # (adapter, packed rows holding each sequence's last prompt token (n,), their slots (n,))
     compute: list[tuple[Adapter, torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -50,14 +62,12 @@ class AdapterStep:
 
     @staticmethod
     def make_pool(
-        args: ModelArgs,
-        target: str,
-        n_slots: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
+        args: ModelArgs, pool: str, n_slots: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
     ) -> torch.Tensor:
-        """An all-ones (identity) pool for one scaled projection, stacked over layers."""
-        return torch.ones(args.n_layers, n_slots, args.scale_width(target), dtype=dtype, device=device)
+        """An all-ones (identity) pool, stacked over layers: "qkv" scales the fused Q|K|V projection's
+        columns, "u" the FFN up projection's."""
+        width = args.q_dim + 2 * args.kv_dim if pool == "qkv" else args.ffn_dim
+        return torch.ones(args.n_layers, n_slots, width, dtype=dtype, device=device)
 
     def layer(
         self, i: int, h: torch.Tensor, gathered: dict[str, torch.Tensor] | None
@@ -68,8 +78,10 @@ class AdapterStep:
             scales = {t: g[i] for t, g in gathered.items()}
         else:
             for adapter, rows, slots in self.compute:  # pool at each sequence's last prompt row
+                where = scale_columns(adapter.args)
                 for t, vec in adapter.scales(i, h[rows]).items():
-                    self.pools[t][i, slots] = vec.to(self.pools[t].dtype)
+                    pool, cols = where[t]
+                    self.pools[pool][i, slots, cols] = vec.to(self.pools[pool].dtype)
             scales = {t: p[i, self.row_slots] for t, p in self.pools.items()}
         lora: dict[str, list[LoRADelta]] = {}
         for adapter, rows in self.lora:
@@ -107,6 +119,12 @@ class RMSNorm(nn.Module):
         return self.ops.rms_norm(x, self.weight, self.eps)
 
 
+def _add_lora(ops: Ops, y: torch.Tensor, x: torch.Tensor, lora: list[LoRADelta] | None) -> torch.Tensor:
+    for d in lora or ():
+        y = ops.lora_add(y, x, d.a, d.b, d.scaling, d.rows, d.dropout)
+    return y
+
+
 def _project(
     ops: Ops,
     x: torch.Tensor,
@@ -115,10 +133,7 @@ def _project(
     lora: list[LoRADelta] | None = None,
 ) -> torch.Tensor:
     """x @ wᵀ with an adapter's per-row column scale and/or unmerged LoRA updates (a row has one or the other)."""
-    y = ops.linear_scale(x, w, scale)
-    for d in lora or ():
-        y = ops.lora_add(y, x, d.a, d.b, d.scaling, d.rows, d.dropout)
-    return y
+    return _add_lora(ops, ops.linear_scale(x, w, scale), x, lora)
 
 
 class Attention(nn.Module):
@@ -126,10 +141,14 @@ class Attention(nn.Module):
         super().__init__()
         self.ops = ops
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.q_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.kv_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.kv_dim, bias=False)
+        self.split = [args.q_dim, args.kv_dim, args.kv_dim]
+        # Meta's wq | wk | wv stacked by rows, so Q, K and V are one GEMM with one scale epilogue; state
+        # dicts still say attention.wq/wk/wv.weight (split on save, stacked on load by the hooks below)
+        self.wqkv = nn.Parameter(torch.empty(sum(self.split), args.dim))
+        nn.init.kaiming_uniform_(self.wqkv, a=math.sqrt(5))  # what each nn.Linear would have done
         self.wo = nn.Linear(args.q_dim, args.dim, bias=False)
+        self.register_state_dict_post_hook(_split_qkv)
+        self.register_load_state_dict_pre_hook(_stack_qkv)
 
     def forward(
         self,
@@ -143,15 +162,14 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: (B, T, d) without a cache, or packed rows (M, d) with `step` and this layer's caches.
 
-        scales "q" (B, H·hd), "k"/"v" (B, H_kv·hd): adapter scales of the projection outputs, applied
-        before RoPE (one row per sequence broadcast over T, or one per packed row (M, ·) with `step`);
-        lora "q"/"k"/"v"/"o": unmerged low-rank updates of those projections.
+        scales: adapter scales of the projection outputs, applied before RoPE, one row per sequence
+        broadcast over T (B, ·) or one per packed row (M, ·) with `step`: "qkv" (fused columns), or any
+        of "q" (H·hd), "k", "v" (H_kv·hd). lora "q"/"k"/"v"/"o": unmerged low-rank updates.
         """
         ops, s, lo = self.ops, scales or {}, lora or {}
         lead = x.shape[:-1]
-        q = _project(ops, x, self.wq.weight, s.get("q"), lo.get("q"))  # (B, T, H·hd) | (M, H·hd): scaled before RoPE
-        k = _project(ops, x, self.wk.weight, s.get("k"), lo.get("k"))  # (B, T, H_kv·hd) | (M, H_kv·hd)
-        v = _project(ops, x, self.wv.weight, s.get("v"), lo.get("v"))
+        qkv = ops.linear_scale(x, self.wqkv, self._qkv_scale(s))  # (B, T, q+2kv) | (M, q+2kv)
+        q, k, v = (_add_lora(ops, t, x, lo.get(p)) for t, p in zip(qkv.split(self.split, dim=-1), "qkv"))
         q = q.view(*lead, self.n_heads, self.head_dim)  # (B, T, H, hd) | (M, H, hd)
         k = k.view(*lead, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, hd) | (M, H_kv, hd)
         v = v.view(*lead, self.n_kv_heads, self.head_dim)
@@ -165,6 +183,27 @@ class Attention(nn.Module):
                 step.positions, step.row_to_seq, step.row_index, step.max_rows,
             )  # fmt: skip
         return _project(ops, out.reshape(*lead, -1), self.wo.weight, lora=lo.get("o"))
+
+    def _qkv_scale(self, s: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The fused scale: given (engine pools) or stacked from per-projection vectors, 1 where absent."""
+        if "qkv" in s or not any(t in s for t in "qkv"):
+            return s.get("qkv")
+        ref = next(s[t] for t in "qkv" if t in s)
+        return torch.cat(
+            [s.get(t, ref.new_ones(ref.shape[0], n)).expand(ref.shape[0], n) for t, n in zip("qkv", self.split)], -1
+        )
+
+
+def _split_qkv(module: Attention, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    w = state_dict.pop(prefix + "wqkv")
+    for name, part in zip(("wq", "wk", "wv"), w.split(module.split)):
+        state_dict[f"{prefix}{name}.weight"] = part.clone()  # own storage: safetensors refuses shared tensors
+
+
+def _stack_qkv(module: Attention, state_dict: dict, prefix: str, *args: Any) -> None:
+    names = [f"{prefix}{n}.weight" for n in ("wq", "wk", "wv")]
+    if all(n in state_dict for n in names):
+        state_dict[prefix + "wqkv"] = torch.cat([state_dict.pop(n) for n in names])
 
 
 class FeedForward(nn.Module):

@@ -10,7 +10,7 @@ from infer.engine import Engine
 from infer.sampling import SamplingParams
 from kernels.ops import get_ops, resolve_backend
 from model import Llama, ModelArgs
-from model.llama import AdapterStep
+from model.llama import AdapterStep, scale_columns
 from model.peft import IA3Config, PARAConfig, create_adapter
 from tests.helpers import random_meta_state_dict
 
@@ -70,10 +70,11 @@ def test_cached_prefill_and_decode_match_with_adapters():
     for name, model in (("torch", ref), ("triton", tri)):
         cache = PagedKVCache(model.args, num_blocks=32, block_size=4)
         tables = [BlockTable() for _ in seqs]
-        pools = {t: AdapterStep.make_pool(model.args, t, 3) for t in ("q", "k", "v", "u")}
+        pools = {p: AdapterStep.make_pool(model.args, p, 3) for p in ("qkv", "u")}
+        where = scale_columns(model.args)
         for i in range(model.args.n_layers):  # (IA)³ vectors are fixed: written at admission
             for t, v in ia3.scales(i, None).items():
-                pools[t][i, 2] = v[0]
+                pools[where[t][0]][i, 2, where[t][1]] = v[0]
         step = cache.prepare_step(tables, lens, all_logits=True)
         first = [0, 7, 25]
         step.adapters = AdapterStep(

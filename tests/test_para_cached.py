@@ -44,7 +44,7 @@ def test_cached_para_equals_no_cache_forward_with_prefill_vectors():
     seqs = [torch.randint(0, 61, (n + 6,)) for n in prompt_lens]
     cache = PagedKVCache(model.args, num_blocks=32, block_size=4)
     tables = [BlockTable() for _ in seqs]
-    pools = {t: AdapterStep.make_pool(model.args, t, 3) for t in ("q", "v", "u")}
+    pools = {p: AdapterStep.make_pool(model.args, p, 3) for p in ("qkv", "u")}
 
     step = cache.prepare_step(tables, prompt_lens, all_logits=True)
     first = [0, 7, 19]

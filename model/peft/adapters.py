@@ -43,7 +43,7 @@ def model_fingerprint(model: Llama) -> dict[str, Any]:
     fp: dict[str, Any] = {f: getattr(a, f) for f in SHAPE_FIELDS}
     weights = (
         model.tok_embeddings.weight,
-        model.layers[0].attention.wq.weight,
+        model.layers[0].attention.wqkv,
         model.layers[-1].feed_forward.w2.weight,
     )
     if any(w.device.type == "meta" for w in weights):
