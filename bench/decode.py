@@ -95,16 +95,32 @@ def bench_parallama(
     cycle = METHODS if method == "mixed" else (method,)
     adapters = [None if (m := cycle[i % len(cycle)]) == "base" else m for i in range(batch)]
 
-    def run(n: int):
-        params = SamplingParams(max_new_tokens=n, beams=beams, ignore_eos=True)
-        outs = engine.generate([ids] * batch, params, adapters=adapters)
-        assert all(len(o.token_ids) == n for o in outs) or beams > 1
+    params = SamplingParams(max_new_tokens=new, beams=beams, ignore_eos=True)
 
-    t_prefill = timed(lambda: run(1), runs)
-    t_total = timed(lambda: run(new), runs)
+    def run() -> tuple[float, float, float]:
+        """(wall time, first step = prefill + one decode, decode tok/s of the later steps) of one batch."""
+        reqs = [engine.add_request(ids, params, adapter=name) for name in adapters]
+        t0 = time.perf_counter()
+        engine.step()
+        t1 = time.perf_counter()
+        steps = 0
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+        t2 = time.perf_counter()
+        assert all(len(r.output_ids) == new for r in reqs) or beams > 1
+        return t2 - t0, t1 - t0, batch * steps / max(t2 - t1, 1e-9)
+
+    run()  # warm-up
+    results = [run() for _ in range(runs)]
+    t_total, t_first, decode_tps = (statistics.median(r[i] for r in results) for i in range(3))
     per_token = 2 * model.args.n_layers * model.args.kv_dim * model.tok_embeddings.weight.element_size()
     kv = per_token * (len(ids) + new) * beams * batch
-    return row("parallama", beams, len(ids), new, t_total, t_prefill, kv, method, batch)
+    out = row("parallama", beams, len(ids), new, t_total, t_first, kv, method, batch)
+    # measured directly: steps after the first are pure decode (one token per request)
+    out["decode_tps"] = decode_tps
+    out["prefill_tps"] = batch * len(ids) / t_first  # a lower bound: the first step also decodes once
+    return out
 
 
 def bench_transformers(ids: list[int], new: int, beams: int, runs: int) -> dict:
@@ -158,6 +174,8 @@ def main() -> int:
     for beams in a.beams:
         for batch in a.batch:
             for method in a.methods:
+                if method == "mixed" and batch < len(METHODS):
+                    continue  # a mixed batch needs a request per method
                 print(f"parallama {method} beams={beams} batch={batch} ...", file=sys.stderr, flush=True)
                 rows.append(bench_parallama(model, ids, a.new_tokens, beams, a.runs, method, batch))
         if not a.no_peers:
