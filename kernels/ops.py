@@ -3,23 +3,26 @@
 `get_ops("torch")` is the reference: every op is the readable PyTorch twin in `reference.py`.
 `get_ops("triton")` swaps in the fused Triton kernels where one exists (rms_norm, rope, the
 scale-epilogue projections, the gated FFN, decode-time paged attention) and keeps the twins for the
-rest (prefill attention, KV writes, LoRA updates). A model picks its `Ops` once, at construction —
-nothing is patched at run time. `resolve_backend("auto", device)` = triton on CUDA, torch elsewhere;
-the environment variable PARALLAMA_BACKEND overrides the argument.
+rest (prefill attention, KV writes, LoRA updates). `get_ops("cpu")` is the reference with the
+projections' GEMMs on numpy's BLAS (`cpu.py`: twice torch's GEMV bandwidth on CPU). A model picks its
+`Ops` once, at construction — nothing is patched at run time. `resolve_backend("auto", device)` =
+triton on CUDA, cpu elsewhere; the environment variable PARALLAMA_BACKEND overrides the argument.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import cache
 
 import torch
 
-from kernels import reference
+from kernels import cpu, reference
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Ops:
     attention: Callable[..., torch.Tensor]
     write_kv: Callable[..., None]
     paged_attention: Callable[..., torch.Tensor]
+    scope: Callable[[], AbstractContextManager] = nullcontext  # entered around every forward
 
 
 def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu") -> str:
@@ -42,9 +46,11 @@ def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu") -
         raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)} (argument or PARALLAMA_BACKEND)")
     on_cuda = torch.device(device).type == "cuda"
     if backend == "auto":
-        return "triton" if on_cuda and _triton_available() else "torch"
+        return "triton" if on_cuda and _triton_available() else "torch" if on_cuda else "cpu"
     if backend == "triton" and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter)")
+    if backend == "cpu" and on_cuda:
+        raise ValueError("backend='cpu' runs on CPU tensors only; use 'triton' or 'torch' on CUDA")
     return backend
 
 
@@ -62,7 +68,9 @@ def get_ops(backend: str = "torch") -> Ops:
         return TORCH_OPS
     if backend == "triton":
         return _triton_ops()
-    raise ValueError(f"backend={backend!r}: expected 'torch' or 'triton' (resolve 'auto' with resolve_backend)")
+    if backend == "cpu":
+        return CPU_OPS
+    raise ValueError(f"backend={backend!r}: expected 'torch', 'triton' or 'cpu' (resolve 'auto' with resolve_backend)")
 
 
 TORCH_OPS = Ops(
@@ -75,6 +83,15 @@ TORCH_OPS = Ops(
     attention=reference.attention,
     write_kv=reference.write_kv,
     paged_attention=reference.paged_attention,
+)
+
+
+CPU_OPS = dataclasses.replace(
+    TORCH_OPS,
+    backend="cpu",
+    linear_scale=cpu.linear_scale,
+    gated_up=cpu.gated_up,
+    scope=cpu.single_torch_thread,
 )
 
 

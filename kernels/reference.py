@@ -76,7 +76,11 @@ def linear_scale(
     x: (M, K) or (B, T, K); w: (N, K); scale: (S, N) one row per sequence; row_to_seq: (M,) maps
     each row of x to its sequence (None: scale has one row per leading index of x, broadcast).
     """
-    y = F.linear(x, w)
+    return apply_scale(F.linear(x, w), scale, row_to_seq)
+
+
+def apply_scale(y: torch.Tensor, scale: torch.Tensor | None, row_to_seq: torch.Tensor | None = None) -> torch.Tensor:
+    """y * scale[row_to_seq] (see `linear_scale` for the broadcast rules); y unchanged when scale is None."""
     if scale is None:
         return y
     if row_to_seq is not None:

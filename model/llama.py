@@ -254,8 +254,8 @@ class TransformerBlock(nn.Module):
 
 class Llama(nn.Module):
     def __init__(self, args: ModelArgs, backend: str = "torch") -> None:
-        """backend: "torch" (the PyTorch reference ops) or "triton" (fused kernels; see kernels/ops.py),
-        fixed here for every layer. `from_pretrained` resolves "auto" and PARALLAMA_BACKEND."""
+        """backend: "torch" (the PyTorch reference ops), "triton" (fused kernels) or "cpu" (BLAS GEMMs),
+        fixed here for every layer (kernels/ops.py). `from_pretrained` resolves "auto" and PARALLAMA_BACKEND."""
         super().__init__()
         self.args = args
         self.ops = ops = get_ops(backend)
@@ -314,12 +314,13 @@ class Llama(nn.Module):
             self.check_adapter(adapter)
             if prompt_lens is None:
                 prompt_lens = torch.full((B,), T, dtype=torch.long, device=tokens.device)
-        h = self.tok_embeddings(tokens)  # (B, T, d)
-        cos_sin = self.rope_cos_sin[:T]
-        for i, layer in enumerate(self.layers):
-            scales, lora = (None, None) if adapter is None else adapter.layer(i, h, prompt_lens)
-            h = layer(h, cos_sin, scales=scales, lora=lora)
-        return self.output(self.norm(h)).float()
+        with self.ops.scope():
+            h = self.tok_embeddings(tokens)  # (B, T, d)
+            cos_sin = self.rope_cos_sin[:T]
+            for i, layer in enumerate(self.layers):
+                scales, lora = (None, None) if adapter is None else adapter.layer(i, h, prompt_lens)
+                h = layer(h, cos_sin, scales=scales, lora=lora)
+            return self.ops.linear_scale(self.norm(h), self.output.weight).float()
 
     @staticmethod
     def _check_prompt_lens(prompt_lens: torch.Tensor, B: int, T: int) -> None:
@@ -351,20 +352,21 @@ class Llama(nn.Module):
         tokens: (M,); k_cache, v_cache: (n_layers, num_blocks, block_size, H_kv, hd).
         Returns float32 logits for `step.logit_rows` (all rows when None): (R, vocab).
         """
-        h = self.tok_embeddings(tokens)  # (M, d)
-        cos_sin = self.rope_cos_sin[step.positions]  # (M, hd/2, 2)
-        ad = step.adapters
-        # decode: nothing to compute, so every layer's vectors come from one gather per pool
-        gathered = None
-        if ad is not None and not ad.compute:
-            gathered = {t: p[:, ad.row_slots] for t, p in ad.pools.items()}  # (n_layers, M, width)
-        for i, layer in enumerate(self.layers):
-            scales, lora = (None, None) if ad is None else ad.layer(i, h, gathered)
-            # K/V are scaled before write_kv, so the cache holds l_v ⊙ V and is never rescaled
-            h = layer(h, cos_sin, step, k_cache[i], v_cache[i], scales=scales, lora=lora)
-        if step.logit_rows is not None:
-            h = h[step.logit_rows]
-        return self.output(self.norm(h)).float()
+        with self.ops.scope():
+            h = self.tok_embeddings(tokens)  # (M, d)
+            cos_sin = self.rope_cos_sin[step.positions]  # (M, hd/2, 2)
+            ad = step.adapters
+            # decode: nothing to compute, so every layer's vectors come from one gather per pool
+            gathered = None
+            if ad is not None and not ad.compute:
+                gathered = {t: p[:, ad.row_slots] for t, p in ad.pools.items()}  # (n_layers, M, width)
+            for i, layer in enumerate(self.layers):
+                scales, lora = (None, None) if ad is None else ad.layer(i, h, gathered)
+                # K/V are scaled before write_kv, so the cache holds l_v ⊙ V and is never rescaled
+                h = layer(h, cos_sin, step, k_cache[i], v_cache[i], scales=scales, lora=lora)
+            if step.logit_rows is not None:
+                h = h[step.logit_rows]
+            return self.ops.linear_scale(self.norm(h), self.output.weight).float()
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Adopt a Meta-named state dict (tensors are used as given: no copy when dtype matches).
@@ -402,7 +404,7 @@ class Llama(nn.Module):
     ) -> Llama:
         """Load "default" (SmolLM2-135M-Instruct), a Meta dir, an HF dir or a .gguf file.
 
-        backend: "auto" (triton on CUDA, torch elsewhere), "torch" or "triton"; the environment
+        backend: "auto" (triton on CUDA, cpu elsewhere), "torch", "triton" or "cpu"; the environment
         variable PARALLAMA_BACKEND overrides it. `overrides` replace ModelArgs fields (e.g.
         max_seq_len=4096). Returns the model in eval mode with `.tokenizer` and `.args`.
         """

@@ -1,6 +1,9 @@
-"""backend="triton" (fused kernels, Triton's interpreter on CPU) equals backend="torch" on the whole model."""
+"""backend="triton" (fused kernels, Triton's interpreter on CPU) and backend="cpu" (BLAS GEMMs) equal
+backend="torch", the reference, on the whole model."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -14,19 +17,23 @@ from model.llama import AdapterStep, scale_columns
 from model.peft import IA3Config, PARAConfig, create_adapter
 from tests.helpers import random_meta_state_dict
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
-    reason="needs CUDA or TRITON_INTERPRET=1",
+TRITON = pytest.param(
+    "triton",
+    marks=pytest.mark.skipif(
+        not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+        reason="needs CUDA or TRITON_INTERPRET=1",
+    ),
 )
+BACKENDS = pytest.mark.parametrize("backend", [TRITON, "cpu"])
 ARGS = ModelArgs(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=83, hidden_dim=160, max_seq_len=96)
 
 
-def _pair() -> tuple[Llama, Llama]:
+def _pair(backend: str) -> tuple[Llama, Llama]:
     sd = random_meta_state_dict(96, 2, 6, 2, 83, 160, seed=0)
     models = []
-    for backend in ("torch", "triton"):
+    for name in ("torch", backend):
         with torch.device("meta"):
-            m = Llama(ARGS, backend=backend)
+            m = Llama(ARGS, backend=name)
         m.load_weights({k: v.clone() for k, v in sd.items()})
         m.setup_rope("cpu")
         models.append(m.eval())
@@ -42,10 +49,11 @@ def _para(model: Llama, seed: int):
     return a
 
 
+@BACKENDS
 @torch.no_grad()
-def test_no_cache_forward_matches_with_para():
-    ref, tri = _pair()
-    assert tri.ops.backend == "triton" and ref.ops.backend == "torch"
+def test_no_cache_forward_matches_with_para(backend):
+    ref, tri = _pair(backend)
+    assert tri.ops.backend == backend and ref.ops.backend == "torch"
     adapter = _para(ref, 1)
     tokens = torch.randint(0, 83, (3, 13), generator=torch.Generator().manual_seed(0))
     lens = torch.tensor([4, 13, 9])
@@ -56,10 +64,11 @@ def test_no_cache_forward_matches_with_para():
     assert (want - ref(tokens)).abs().max() > 1e-2  # the adapter matters
 
 
+@BACKENDS
 @torch.no_grad()
-def test_cached_prefill_and_decode_match_with_adapters():
+def test_cached_prefill_and_decode_match_with_adapters(backend):
     """Packed prefill (twin attention, fused projections) then decode steps (Triton paged attention)."""
-    ref, tri = _pair()
+    ref, tri = _pair(backend)
     para, ia3 = _para(ref, 2), create_adapter(ref, IA3Config())
     with torch.no_grad():
         for p in ia3.parameters():
@@ -67,7 +76,7 @@ def test_cached_prefill_and_decode_match_with_adapters():
     slots, lens = [1, 0, 2], [7, 18, 5]  # rows: PARA, base, (IA)³; 18 crosses block boundaries
     seqs = [torch.randint(0, 83, (n + 5,), generator=torch.Generator().manual_seed(n)) for n in lens]
     out = {}
-    for name, model in (("torch", ref), ("triton", tri)):
+    for name, model in (("torch", ref), (backend, tri)):
         cache = PagedKVCache(model.args, num_blocks=32, block_size=4)
         tables = [BlockTable() for _ in seqs]
         pools = {p: AdapterStep.make_pool(model.args, p, 3) for p in ("qkv", "u")}
@@ -90,12 +99,13 @@ def test_cached_prefill_and_decode_match_with_adapters():
                 model.forward_step(torch.stack([s[n + t] for s, n in zip(seqs, lens)]), step, cache.k, cache.v)
             )
         out[name] = logits
-    for want, got in zip(out["torch"], out["triton"]):
+    for want, got in zip(out["torch"], out[backend]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_engine_greedy_tokens_match():
-    ref, tri = _pair()
+@BACKENDS
+def test_engine_greedy_tokens_match(backend):
+    ref, tri = _pair(backend)
     prompts = [[(3 * i + j) % 83 for j in range(n)] for i, n in enumerate((6, 11, 3))]
     params = [SamplingParams(max_new_tokens=6, ignore_eos=True)] * 2 + [SamplingParams(max_new_tokens=5, beams=2)]
     want = [o.token_ids for o in Engine(ref, num_blocks=48, block_size=4).generate(prompts, params)]
@@ -103,9 +113,10 @@ def test_engine_greedy_tokens_match():
     assert got == want
 
 
-def test_training_falls_back_to_the_twins():
+@BACKENDS
+def test_training_falls_back_to_the_twins(backend):
     """The kernels are forward-only: with autograd recording, the twins run and gradients flow."""
-    _, tri = _pair()
+    _, tri = _pair(backend)
     adapter = _para(tri, 3)
     tokens = torch.randint(0, 83, (2, 9), generator=torch.Generator().manual_seed(1))
     tri(tokens, adapter=adapter).logsumexp(-1).mean().backward()
@@ -114,7 +125,7 @@ def test_training_falls_back_to_the_twins():
 
 def test_backend_resolution(monkeypatch):
     monkeypatch.delenv("PARALLAMA_BACKEND", raising=False)
-    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("auto", "cpu") == "cpu"
     assert resolve_backend("torch", "cpu") == "torch"
     monkeypatch.setenv("PARALLAMA_BACKEND", "torch")
     assert resolve_backend("triton", "cpu") == "torch"  # the environment wins
@@ -125,5 +136,23 @@ def test_backend_resolution(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="needs a CUDA device"):
         resolve_backend("triton", "cpu")
-    with pytest.raises(ValueError, match="expected 'torch' or 'triton'"):
+    with pytest.raises(ValueError, match="expected 'torch', 'triton' or 'cpu'"):
         get_ops("auto")
+
+
+def test_blas_linear_is_used_for_inference_and_matches_the_twin():
+    from kernels import cpu
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 100, generator=g)
+    for x in (torch.randn(1, 100, generator=g), torch.randn(2, 5, 100, generator=g)):
+        with torch.no_grad():
+            assert cpu._blas_ok(x, w)
+            torch.testing.assert_close(cpu.blas_linear(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    wg = w.clone().requires_grad_()
+    assert not cpu._blas_ok(x, wg)  # autograd needs the twin
+    assert not cpu._blas_ok(x.double(), w.double())
+    n = torch.get_num_threads()
+    with cpu.single_torch_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == n
