@@ -164,11 +164,12 @@ def main() -> int:
     ap.add_argument("--beams", type=int, nargs="+", default=[1])
     ap.add_argument("--methods", nargs="+", default=["base"], choices=[*METHODS, "mixed"])
     ap.add_argument("--batch", type=int, nargs="+", default=[1], help="requests generated together")
+    ap.add_argument("--backend", default="auto", help="auto | torch | cpu | triton (kernels/ops.py)")
     ap.add_argument("--no-peers", action="store_true", help="skip transformers")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     torch.manual_seed(0)
-    model = Llama.from_pretrained("default")
+    model = Llama.from_pretrained("default", backend=a.backend)
     ids = make_prompt(model.tokenizer, a.prompt_len)
     rows = []
     for beams in a.beams:
@@ -184,7 +185,8 @@ def main() -> int:
     kv = kv_memory_ragged(model, [17, 80, 150, 274, 33], a.new_tokens)
     machine = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor(),
                "threads": torch.get_num_threads()}  # fmt: skip
-    print(f"\nSmolLM2-135M fp32 CPU, prompt {a.prompt_len}, {a.new_tokens} new, median of {a.runs}\n")
+    print(f"\nSmolLM2-135M fp32 CPU, backend {model.ops.backend}, prompt {a.prompt_len}, {a.new_tokens} new, "
+          f"median of {a.runs}\n")  # fmt: skip
     print("| engine | method | beams | batch | tok/s | decode tok/s | prefill tok/s | decode vs base |")
     print("|---|---|---|---|---|---|---|---|")
     by = {(r["engine"], r["method"], r["beams"], r["batch"]): r for r in rows}

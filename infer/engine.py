@@ -173,7 +173,11 @@ class Engine:
             (self.adapters[a], torch.tensor(rw, device=dev), torch.tensor(sl, device=dev))
             for a, (rw, sl) in prompt_rows.items()
         ]
-        lora = [(self.adapters[a], torch.tensor(rw, device=dev)) for a, rw in lora_rows.items()]
+        # a LoRA that owns every row skips the gather / index_add (rows=None)
+        lora = [
+            (self.adapters[a], None if len(rw) == first else torch.tensor(rw, device=dev))
+            for a, rw in lora_rows.items()
+        ]
         scaled = any(slots) or todo
         pools = self.pools if scaled else {}  # no scaled row: skip the identity multiplies
         return AdapterStep(pools=pools, row_slots=torch.tensor(slots, device=dev), compute=todo, lora=lora)

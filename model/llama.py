@@ -58,7 +58,7 @@ class AdapterStep:
     row_slots: torch.Tensor  # (M,) the pool row each packed row reads
     # (adapter, packed rows holding each sequence's last prompt token (n,), their slots (n,))
     compute: list[tuple[Adapter, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    lora: list[tuple[Adapter, torch.Tensor]] = field(default_factory=list)  # (adapter, its packed rows)
+    lora: list[tuple[Adapter, torch.Tensor | None]] = field(default_factory=list)  # (adapter, its rows | None: all)
 
     @staticmethod
     def make_pool(
