@@ -1,0 +1,129 @@
+"""train/suite: matched budgets (counts computed by hand for the tiny shape), the table and medians, and a
+tiny end-to-end run (2 methods × 1 task × 1 seed × 2 steps) that a second invocation skips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import Llama
+from tests.helpers import random_meta_state_dict, train_sentencepiece, write_meta_dir
+from train.suite import SuiteConfig, format_table, main, medians, para_wins, parameter_budgets
+
+# the finetune tests' tiny shape, with room for the tasks' prompts under a 400-piece tokenizer
+PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32, "max_seq_len": 512}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_suite")
+    train_sentencepiece(d / "tokenizer.model", 400)
+    sd = random_meta_state_dict(64, 2, 4, 2, 400, 192, seed=0)
+    return write_meta_dir(d, {**PARAMS, "vocab_size": 400, "norm_eps": 1e-5}, [sd])
+
+
+def test_budgets_by_hand(tiny_dir):
+    budgets = parameter_budgets(Llama.from_pretrained(tiny_dir), SuiteConfig("unused"))
+    # PARA r=12 per layer: down 64*12, up 12*(64 + 32 + 192) + bias 288 (q, v, FFN up widths) -> 4512, 2 layers
+    assert budgets["para"] == {"r": 12, "params": 9024}
+    # LoRA q_proj + v_proj per rank and layer: (64 + 64) + (64 + 32) = 224 -> 448 per rank; 9024 / 448 = 20.1
+    assert budgets["lora"]["r"] == 20 and budgets["lora"]["params"] == 8960
+    assert abs(8960 - 9024) / 9024 < 0.15
+    # (IA)³: k (32) + v (32) + down_proj input (192) per layer
+    assert budgets["ia3"] == {"r": None, "params": 512}
+    assert parameter_budgets(Llama.from_pretrained(tiny_dir), SuiteConfig("unused", lora_r=4))["lora"]["r"] == 4
+
+
+def test_medians_table_and_wins():
+    runs = (
+        [{"method": "para", "task": "boolq", "test_score": s} for s in (0.2, 0.5, 0.4)]
+        + [{"method": "lora", "task": "boolq", "test_score": s} for s in (0.3, 0.9)]
+        + [
+            {"method": "para", "task": "copa", "test_score": 0.5},
+            {"method": "lora", "task": "copa", "test_score": 0.6},
+            {"method": "lora", "task": "hsm", "test_score": None},  # interrupted: no score
+        ]
+    )
+    cells = medians(runs)
+    assert cells["para"]["boolq"]["median"] == 0.4 and cells["lora"]["boolq"]["median"] == pytest.approx(0.6)
+    assert "hsm" not in cells["lora"]
+    assert para_wins(cells, ["boolq", "copa"]) == []
+    assert para_wins({"para": {"copa": {"median": 0.7}}, "lora": {"copa": {"median": 0.7}}}, ["copa"]) == ["copa"]
+    summary = {
+        "tasks": ["boolq", "copa"], "seeds": 3, "methods": ["para", "lora"], "cells": cells,
+        "zero_shot": {"boolq": 0.25, "copa": 0.5},
+        "budgets": {"para": {"r": 12, "params": 1105920}, "lora": {"r": 19, "params": 1094400}},
+    }  # fmt: skip
+    table = format_table(summary).splitlines()
+    assert table[0] == "| Method | #Params | BoolQ | COPA |"
+    assert table[2] == "| base (zero-shot) | 0 | 25.0 | 50.0 |"
+    assert table[3] == "| LoRA (r=19) | 1.09M | 60.0 (2/3) | 60.0 (1/3) |"
+    assert table[4] == "| PARA (r=12) | 1.11M | 40.0 | 50.0 (1/3) |"
+
+
+def test_end_to_end_and_resume(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "suite"
+    argv = [
+        "--model", str(tiny_dir), "--methods", "para,ia3", "--tasks", "boolq", "--seeds", "1", "--out", str(out),
+        "--n-train", "12", "--n-dev", "4", "--n-test", "3", "--max-steps", "2", "--batch-size", "4",
+        "--eval-every", "1", "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    summary = json.loads((out / "suite.json").read_text())
+    assert summary["methods"] == ["para", "ia3"] and summary["tasks"] == ["boolq"] and summary["seeds"] == 1
+    assert summary["config"]["chat"] is False and "prompts: plain text" in first.err  # no chat template: auto is off
+    assert summary["budgets"]["para"]["params"] == 9024 and summary["budgets"]["ia3"]["params"] == 512
+    assert "PARA r=12: 9,024" in first.err and "(IA)³: 512" in first.err
+    runs = {r["method"]: r for r in summary["runs"]}
+    for method in ("para", "ia3"):
+        result = out / "runs" / "boolq" / method / "seed0" / "result.json"
+        assert json.loads(result.read_text())["steps"] == 2
+        assert runs[method]["skipped"] is False and 0.0 <= runs[method]["test_score"] <= 1.0
+        assert summary["cells"][method]["boolq"]["n"] == 1
+    assert 0.0 <= summary["zero_shot"]["boolq"] <= 1.0
+    assert len((out / "zero_shot" / "boolq" / "predictions.jsonl").read_text().splitlines()) == 3
+    table = (out / "table.md").read_text()
+    assert table.startswith("| Method | #Params | BoolQ |") and "| PARA (r=12) | 9.0K |" in table
+    assert "| (IA)³ | 0.5K |" in table and "| base (zero-shot) | 0 |" in table and "LoRA" not in table
+    assert table in first.out and "PARA >= the other methods on" in first.out
+
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("result.json")}
+    assert main(argv) == 0  # everything is done: nothing is trained again
+    second = capsys.readouterr()
+    assert "skip boolq/para/seed0" in second.err and "skip boolq/ia3/seed0" in second.err
+    assert "skip zero-shot boolq" in second.err and "run boolq" not in second.err
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    again = json.loads((out / "suite.json").read_text())
+    assert again["cells"] == summary["cells"] and all(r["skipped"] for r in again["runs"])
+
+    # a run cut short (its last/ checkpoint but no result.json) continues from its checkpoint
+    (out / "runs" / "boolq" / "para" / "seed0" / "result.json").unlink()
+    assert main(argv) == 0
+    third = capsys.readouterr()
+    assert "run boolq/para/seed0" in third.err and "resuming" in third.err and "skip boolq/ia3/seed0" in third.err
+    resumed = json.loads((out / "suite.json").read_text())
+    assert resumed["cells"] == summary["cells"]
+
+    # other result-shaping settings on the same OUT are refused before anything runs
+    assert main([*argv, "--lr", "0.01"]) == 2
+    assert "other settings (finetune:" in capsys.readouterr().err
+
+
+def test_bad_arguments(tmp_path, capsys):
+    assert main(["--methods", "para,bitfit", "--out", str(tmp_path / "x")]) == 2
+    assert "bitfit" in capsys.readouterr().err
+    assert main(["--tasks", "boolq,mnli", "--out", str(tmp_path / "x")]) == 2
+    assert "mnli" in capsys.readouterr().err
+    assert main(["--seeds", "0", "--out", str(tmp_path / "x")]) == 2
