@@ -54,3 +54,28 @@ def launch(
 def bucket(m: int, cap: int = 1024) -> int:
     """Autotune key for a row count: the next power of two, capped (decode and prefill tune apart)."""
     return min(triton.next_power_of_2(max(m, 1)), cap)
+
+
+def scale_args(
+    scale: torch.Tensor | None,
+    row_to_seq: torch.Tensor | None,
+    lead: tuple[int, ...],
+    M: int,
+    N: int,
+    dummy: torch.Tensor,
+    name: str = "scale",
+) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """(scale ptr, row_to_seq ptr, stride_s, stride_n, rows_per_seq) for a per-sequence column-scale epilogue,
+    with `kernels.reference.linear_scale`'s broadcast rules; `dummy` stands in for absent pointers."""
+    if scale is None:
+        return dummy, dummy, 0, 0, 1
+    assert scale.dim() == 2 and scale.shape[1] == N, f"{name} must be (S, {N}), got {tuple(scale.shape)}"
+    S = scale.shape[0]
+    stride_ss, stride_sn = scale.stride()
+    if row_to_seq is not None:
+        assert row_to_seq.shape == (M,), f"row_to_seq must be ({M},)"
+        return scale, row_to_seq, stride_ss, stride_sn, 1
+    if S == 1:
+        return scale, dummy, 0, stride_sn, max(M, 1)
+    assert len(lead) >= 1 and S == lead[0], f"{name} has {S} rows for x with leading dims {tuple(lead)}"
+    return scale, dummy, stride_ss, stride_sn, max(M // S, 1)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import bucket, launch
+from ._triton import bucket, launch, scale_args
 
 CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),  # decode
@@ -130,21 +130,7 @@ def fused_gated_up(
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    rows_per_seq, stride_ss, stride_sn = 1, 0, 0
-    s_arg, r_arg = y, y  # dummies when unused
-    if scale_u is not None:
-        assert scale_u.dim() == 2 and scale_u.shape[1] == N, f"scale_u must be (S, {N}), got {tuple(scale_u.shape)}"
-        S = scale_u.shape[0]
-        s_arg = scale_u
-        stride_ss, stride_sn = scale_u.stride()
-        if row_to_seq is not None:
-            assert row_to_seq.shape == (M,), f"row_to_seq must be ({M},)"
-            r_arg = row_to_seq
-        elif S == 1:
-            stride_ss, rows_per_seq = 0, max(M, 1)
-        else:
-            assert len(lead) >= 1 and S == lead[0], f"scale_u has {S} rows for x of shape {tuple(x.shape)}"
-            rows_per_seq = max(M // S, 1)
+    s_arg, r_arg, stride_ss, stride_sn, rows_per_seq = scale_args(scale_u, row_to_seq, lead, M, N, y, "scale_u")
     if M == 0:
         return y.view(*lead, N)
     if config is None and x.device.type != "cuda":

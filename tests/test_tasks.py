@@ -10,7 +10,6 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-import torch
 
 from train.tasks import TASKS, read_split
 from train.tasks.base import accuracy, numbers_in
@@ -23,12 +22,7 @@ from train.tasks.words import NAMES
 SMALL = {"n_train": 60, "n_dev": 10, "n_test": 10}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
