@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -43,6 +44,24 @@ def make_prompt(tokenizer, n: int) -> list[int]:
     while len(ids) < n:
         ids += tokenizer.encode(TEXT, bos=False)
     return ids[:n]
+
+
+def measure_bandwidth(mib: int = 256, runs: int = 5) -> float:
+    """The machine's streaming read bandwidth in GB/s: median of sums over a buffer far larger than cache."""
+    buf = torch.ones(mib * 2**20 // 4)
+    t = timed(buf.sum, runs)
+    return buf.numel() * 4 / t / 1e9
+
+
+def bytes_per_decode_step(model: Llama, context: int, rows: int) -> int:
+    """What one decode step must read at least: every weight once (tied embeddings once) plus each row's K/V."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() dedups tied weights
+    kv = 2 * model.args.n_layers * model.args.kv_dim * model.tok_embeddings.weight.element_size() * context
+    return weights + rows * kv
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def timed(fn, runs: int) -> float:
@@ -111,6 +130,7 @@ def bench_parallama(
         assert all(len(r.output_ids) == new for r in reqs) or beams > 1
         return t2 - t0, t1 - t0, batch * steps / max(t2 - t1, 1e-9)
 
+    rss = peak_rss_mib()
     run()  # warm-up
     results = [run() for _ in range(runs)]
     t_total, t_first, decode_tps = (statistics.median(r[i] for r in results) for i in range(3))
@@ -120,6 +140,9 @@ def bench_parallama(
     # measured directly: steps after the first are pure decode (one token per request)
     out["decode_tps"] = decode_tps
     out["prefill_tps"] = batch * len(ids) / t_first  # a lower bound: the first step also decodes once
+    out["peak_mem_mib"] = peak_rss_mib() - rss  # CPU: growth of the process's peak RSS during the runs
+    step_bytes = bytes_per_decode_step(model, len(ids) + new // 2, batch * beams)  # mid-generation context
+    out["decode_gbs"] = step_bytes * decode_tps / (batch * beams) / 1e9
     return out
 
 
@@ -167,7 +190,10 @@ def main() -> int:
     ap.add_argument("--backend", default="auto", help="auto | torch | cpu | triton (kernels/ops.py)")
     ap.add_argument("--no-peers", action="store_true", help="skip transformers")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--quick", action="store_true", help="base and PARA vs transformers, beams 1, batch 1, 3 runs")
     a = ap.parse_args()
+    if a.quick:
+        a.runs, a.beams, a.batch, a.methods = 3, [1], [1], ["base", "para"]
     torch.manual_seed(0)
     model = Llama.from_pretrained("default", backend=a.backend)
     ids = make_prompt(model.tokenizer, a.prompt_len)
@@ -183,31 +209,40 @@ def main() -> int:
             print(f"transformers beams={beams} ...", file=sys.stderr, flush=True)
             rows.append(bench_transformers(ids, a.new_tokens, beams, a.runs))
     kv = kv_memory_ragged(model, [17, 80, 150, 274, 33], a.new_tokens)
+    bandwidth = measure_bandwidth()
     machine = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor(),
                "threads": torch.get_num_threads()}  # fmt: skip
     print(f"\nSmolLM2-135M fp32 CPU, backend {model.ops.backend}, prompt {a.prompt_len}, {a.new_tokens} new, "
           f"median of {a.runs}\n")  # fmt: skip
-    print("| engine | method | beams | batch | tok/s | decode tok/s | prefill tok/s | decode vs base |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| engine | method | beams | batch | tok/s | decode tok/s | prefill tok/s | decode vs base | of roof |")
+    print("|---|---|---|---|---|---|---|---|---|")
     by = {(r["engine"], r["method"], r["beams"], r["batch"]): r for r in rows}
     for r in rows:
         b = by.get((r["engine"], "base", r["beams"], r["batch"]))
         rel = f"{r['decode_tps'] / b['decode_tps']:.3f}x" if b else "-"
+        roof = f"{r['decode_gbs'] / bandwidth:.0%}" if "decode_gbs" in r else "-"
         print(f"| {r['engine']} | {r['method']} | {r['beams']} | {r['batch']} | {r['tps']:.1f} | "
-              f"{r['decode_tps']:.1f} | {r['prefill_tps']:.0f} | {rel} |")  # fmt: skip
+              f"{r['decode_tps']:.1f} | {r['prefill_tps']:.0f} | {rel} | {roof} |")  # fmt: skip
     for beams in a.beams:
         p, t = by.get(("parallama", "base", beams, 1)), by.get(("transformers", "base", beams, 1))
         if p and t:
             ratios = {k: p[k] / t[k] for k in ("tps", "decode_tps", "prefill_tps")}
             print(f"\nbeams={beams}: parallama/transformers tok/s {ratios['tps']:.2f}x, "
                   f"decode {ratios['decode_tps']:.2f}x, prefill {ratios['prefill_tps']:.2f}x")  # fmt: skip
+    weights = bytes_per_decode_step(model, 0, 0)
+    print(
+        f"\nmeasured read bandwidth {bandwidth:.1f} GB/s; weights {weights / 1e6:.0f} MB per decode step "
+        f"-> batch-1 roof {bandwidth * 1e9 / weights:.0f} tok/s ('of roof': decode bytes/s over the bandwidth)"
+    )
     mib = 1 / 2**20
     print(f"\nKV for ragged batch {kv['lens']} + {kv['new_tokens']} new: needed {kv['needed_bytes'] * mib:.1f} MiB, "
           f"paged peak {kv['paged_bytes'] * mib:.1f} MiB ({kv['paged_bytes'] / kv['needed_bytes']:.3f}x), "
           f"contiguous padded-to-longest {kv['contiguous_batch_max_bytes'] * mib:.1f} MiB, "
           f"contiguous max_seq_len {kv['contiguous_max_seq_len_bytes'] * mib:.0f} MiB")  # fmt: skip
     if a.json:
-        a.json.write_text(json.dumps({"machine": machine, "rows": rows, "kv_ragged": kv}, indent=1))
+        a.json.write_text(
+            json.dumps({"machine": machine, "bandwidth_gbs": bandwidth, "rows": rows, "kv_ragged": kv}, indent=1)
+        )
     return 0
 
 
