@@ -48,10 +48,11 @@ def scale_columns(args: ModelArgs) -> dict[str, tuple[str, slice]]:
 class AdapterStep:
     """Adapters on the cached path.
 
-    Scale adapters (PARA, (IA)³) live in per-projection pools, one row per slot (slot 0 stays 1, the
-    identity, for rows without one): PARA vectors are computed once, in the prefill step, from each
-    sequence's last prompt row; (IA)³ vectors are written when the request is admitted; every later
-    step only gathers. LoRA rows are grouped per adapter and pay their low-rank matmuls every step.
+    Scale adapters (PARA, (IA)³) live in two pools, the fused QKV columns and the FFN up columns, one
+    row per slot (slot 0 stays 1, the identity, for rows without one): PARA vectors are computed once,
+    in the prefill step, from each sequence's last prompt row; (IA)³ vectors are written when the
+    request is admitted; every later step only gathers. LoRA rows are grouped per adapter and pay their
+    low-rank matmuls every step.
     """
 
     pools: dict[str, torch.Tensor]  # "qkv" (q | k | v columns) / "u" → (n_layers, n_slots, width)
