@@ -13,6 +13,7 @@ import json
 import random
 import re
 import string
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,16 +50,16 @@ def numbers_in(text: str) -> list[float]:
     return [float(m.replace(",", "")) for m in re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)]
 
 
-class Task:
+class Task(ABC):
     """One task: subclasses set `name`, `description`, `metric` and implement `sampler`."""
 
     name: str = ""
     description: str = ""
     metric: Metric = staticmethod(accuracy)  # type: ignore[assignment]
 
+    @abstractmethod
     def sampler(self, rng: random.Random, out_dir: Path) -> Sampler:
         """A function drawing one record from `rng`; may first build shared state (e.g. a database) in `out_dir`."""
-        raise NotImplementedError
 
     def generate(
         self, out_dir: str | Path, seed: int = 0, n_train: int = 1000, n_dev: int = 100, n_test: int = 100
