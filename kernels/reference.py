@@ -7,6 +7,7 @@ numerics, so the two paths meet in one small set of functions.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -115,9 +116,11 @@ def gated_up(
     w_up: torch.Tensor,
     scale_u: torch.Tensor | None = None,
     row_to_seq: torch.Tensor | None = None,
+    matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear,
 ) -> torch.Tensor:
-    """SwiGLU input of the down projection: silu(x @ w_gateᵀ) * ((x @ w_upᵀ) * scale_u[row_to_seq])."""
-    return F.silu(F.linear(x, w_gate)) * linear_scale(x, w_up, scale_u, row_to_seq)
+    """SwiGLU input of the down projection: silu(x @ w_gateᵀ) * ((x @ w_upᵀ) * scale_u[row_to_seq]).
+    `matmul(x, w)` = x @ wᵀ (the cpu backend passes its BLAS GEMM)."""
+    return F.silu(matmul(x, w_gate)) * apply_scale(matmul(x, w_up), scale_u, row_to_seq)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
