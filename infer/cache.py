@@ -125,7 +125,9 @@ class PagedKVCache:
         return BlockTable([self.allocator.share(b) for b in table.blocks], table.num_tokens)
 
     def free(self, table: BlockTable) -> None:
-        for b in table.blocks:
+        # last block first: the free stack then hands the blocks out again in ascending order, so a
+        # lone sequence's blocks stay consecutive (the cpu backend attends over them without a gather)
+        for b in reversed(table.blocks):
             self.allocator.release(b)
         table.blocks.clear()
         table.num_tokens = 0

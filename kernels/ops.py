@@ -89,6 +89,9 @@ TORCH_OPS = Ops(
 CPU_OPS = dataclasses.replace(
     TORCH_OPS,
     backend="cpu",
+    rms_norm=cpu.rms_norm,
+    rope=cpu.rope,
+    paged_attention=cpu.paged_attention,
     linear_scale=cpu.linear_scale,
     gated_up=cpu.gated_up,
     scope=cpu.single_torch_thread,

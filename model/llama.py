@@ -170,11 +170,12 @@ class Attention(nn.Module):
         ops, s, lo = self.ops, scales or {}, lora or {}
         lead = x.shape[:-1]
         qkv = ops.linear_scale(x, self.wqkv, self._qkv_scale(s))  # (B, T, q+2kv) | (M, q+2kv)
-        q, k, v = (_add_lora(ops, t, x, lo.get(p)) for t, p in zip(qkv.split(self.split, dim=-1), "qkv"))
-        q = q.view(*lead, self.n_heads, self.head_dim)  # (B, T, H, hd) | (M, H, hd)
-        k = k.view(*lead, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, hd) | (M, H_kv, hd)
-        v = v.view(*lead, self.n_kv_heads, self.head_dim)
-        q, k = ops.rope(q, cos_sin), ops.rope(k, cos_sin)
+        if any(lo.get(p) for p in "qkv"):
+            qkv = torch.cat([_add_lora(ops, t, x, lo.get(p)) for t, p in zip(qkv.split(self.split, -1), "qkv")], -1)
+        # Q and K heads side by side: one RoPE call rotates both (a view, no copy)
+        qk = qkv[..., : self.split[0] + self.split[1]].unflatten(-1, (self.n_heads + self.n_kv_heads, self.head_dim))
+        q, k = ops.rope(qk, cos_sin).split([self.n_heads, self.n_kv_heads], dim=-2)  # (B, T | M, H | H_kv, hd)
+        v = qkv[..., -self.split[2] :].unflatten(-1, (self.n_kv_heads, self.head_dim))  # (B, T | M, H_kv, hd)
         if step is None:
             out = ops.attention(q, k, v, causal=True)
         else:

@@ -156,3 +156,59 @@ def test_blas_linear_is_used_for_inference_and_matches_the_twin():
     with cpu.single_torch_thread():
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == n
+
+
+def test_cpu_small_ops_match_the_twins():
+    """The cpu backend's one-call RMSNorm and complex-multiply RoPE equal the twins, on strided views too."""
+    from kernels import cpu, reference
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 5, 100, generator=g), torch.randn(100, generator=g)
+    torch.testing.assert_close(cpu.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5), rtol=1e-6, atol=1e-6)
+    xb = x.bfloat16()  # not an exact dtype for the rewrite: the twin runs
+    assert torch.equal(cpu.rms_norm(xb, w.bfloat16(), 1e-5), reference.rms_norm(xb, w.bfloat16(), 1e-5))
+    table = reference.rope_table(reference.rope_frequencies(18, 10000.0), 40)  # (40, 9, 2)
+    qkv = torch.randn(7, 11 * 18, generator=g)  # packed rows of a fused projection: 5 Q, 3 K, 3 V heads
+    qk = qkv[:, : 8 * 18].unflatten(-1, (8, 18))  # a strided view, as the model passes it
+    pos = torch.tensor([0, 3, 39, 5, 6, 7, 1])
+    got = cpu.rope(qk, table[pos])
+    torch.testing.assert_close(got, reference.rope(qk, table[pos]), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(got, qk)  # it rotated
+    xt = torch.randn(2, 6, 4, 18, generator=g)  # (B, T, H, hd) with a (T, hd/2, 2) table
+    torch.testing.assert_close(cpu.rope(xt, table[:6]), reference.rope(xt, table[:6]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("lens", [[21], [7, 16, 1, 30]])
+def test_cpu_paged_attention_matches_the_twin(lens):
+    """Decode (one row per sequence; a partly filled last block; ragged lengths) and one-sequence prefill
+    take the cpu backend's direct forms; a multi-sequence prefill step falls back to the twin."""
+    from kernels import cpu, reference
+
+    g = torch.Generator().manual_seed(len(lens))
+    H, n_kv, hd, bs = 6, 2, 8, 4
+    width = -(-max(lens) // bs)
+    n_blocks = len(lens) * width + 3
+    k_cache, v_cache = torch.randn(2, n_blocks, bs, n_kv, hd, generator=g).unbind(0)
+    perm = torch.randperm(n_blocks, generator=g)  # scattered blocks, as a real pool hands them out
+    tables = perm[: len(lens) * width].view(len(lens), width)
+
+    def both(q, seq_lens, positions, row_to_seq, row_index, max_rows):
+        a = (q, k_cache, v_cache, tables, seq_lens, positions, row_to_seq, row_index, max_rows)
+        return cpu.paged_attention(*a), reference.paged_attention(*a)
+
+    S = len(lens)
+    seq_lens = torch.tensor(lens)
+    decode = (seq_lens, seq_lens - 1, torch.arange(S), torch.zeros(S, dtype=torch.long), 1)
+    got, want = both(torch.randn(S, H, hd, generator=g), *decode)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if S == 1:  # consecutive blocks (how a fresh pool serves a lone sequence): attended in place
+        tables = torch.arange(2, 2 + width)[None]
+        got, want = both(torch.randn(S, H, hd, generator=g), *decode)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # a prefill step: every sequence's whole prompt at once
+    counts = torch.tensor(lens)
+    row_to_seq = torch.repeat_interleave(torch.arange(S), counts)
+    row_index = torch.arange(len(row_to_seq)) - (torch.cumsum(counts, 0) - counts)[row_to_seq]
+    q = torch.randn(len(row_to_seq), H, hd, generator=g)
+    got, want = both(q, seq_lens, row_index, row_to_seq, row_index, max(lens))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

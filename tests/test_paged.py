@@ -75,3 +75,15 @@ def test_full_cache_reserves_nothing():
     with pytest.raises(CacheFullError):
         cache.prepare_step(tables, [5, 4])
     assert cache.allocator.num_free == 2 and all(t.num_tokens == 0 for t in tables)
+
+
+def test_freed_blocks_are_handed_out_again_in_ascending_order():
+    """A lone sequence keeps consecutive block ids across requests (the cpu backend attends in place)."""
+    cache = PagedKVCache(tiny(2).args, num_blocks=8, block_size=4)
+    first = BlockTable()
+    cache.reserve(first, 13)
+    assert first.blocks == [0, 1, 2, 3]
+    cache.free(first)
+    again = BlockTable()
+    cache.reserve(again, 9)
+    assert again.blocks == [0, 1, 2]
