@@ -2,6 +2,8 @@
 
 Several --prompt are batched together in one engine. One prompt streams to the terminal as it is
 generated; several are printed as each finishes. --json prints one object per prompt.
+With --prompt-pool FILE --matcher DIR [--shots M], a trained PILLOW matcher (train/pillow.py) picks M exemplars
+from the pool for each prompt (greedily) and prepends them; --json then adds "exemplars" (their pool lines, 0-based).
 """
 
 from __future__ import annotations
@@ -9,9 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from infer.engine import Engine
 from infer.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from train.pillow import Pool
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         "in order; 'none' = the base model for that prompt",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.add_argument("--prompt-pool", metavar="FILE", help='PILLOW: exemplar pool JSONL {"prompt", "response"}')
+    p.add_argument("--matcher", metavar="DIR", help="PILLOW: a trained matcher (train.pillow's OUT or OUT/best)")
+    p.add_argument("--shots", type=int, help="PILLOW: exemplars per prompt (default: what the matcher was trained for)")
     return p
 
 
@@ -55,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(
                 f"--adapter given {len(a.adapter)} times for {len(a.prompt)} prompts: give it once or once per prompt"
             )
+        pool = _read_pool(a)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -71,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
             engine.add_adapter(d, load_adapter(d, model))
         tok = model.tokenizer
         prompts = [tok.encode_chat([{"role": "user", "content": p}]) if a.chat else p for p in a.prompt]
+        chosen = None
+        if pool is not None:
+            from train.pillow import Pillow
+
+            pillow = Pillow.load(a.matcher, model, pool, shots=a.shots)
+            prompts, chosen = pillow.prompts(a.prompt, chat=a.chat)
         reqs = [engine.add_request(p, params, adapter=n) for p, n in zip(prompts, names)]
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -90,9 +106,28 @@ def main(argv: list[str] | None = None) -> int:
                 if not a.json:
                     print(f"[{i}] {r.text}", flush=True)
     if a.json:
-        for r in reqs:
-            print(json.dumps({"prompt_ids": r.prompt_ids, "output_ids": r.output_ids, "text": r.text}))
+        for i, r in enumerate(reqs):
+            row = {"prompt_ids": r.prompt_ids, "output_ids": r.output_ids, "text": r.text}
+            if chosen is not None:
+                row["exemplars"] = chosen[i]
+            print(json.dumps(row))
     return 0
+
+
+def _read_pool(a: argparse.Namespace) -> Pool | None:
+    """The PILLOW pool (None without --prompt-pool), read and checked before the model loads."""
+    if (a.prompt_pool is None) != (a.matcher is None):
+        raise ValueError("--prompt-pool and --matcher go together (a pool, and the matcher trained to pick from it)")
+    if a.prompt_pool is None:
+        if a.shots is not None:
+            raise ValueError("--shots needs --prompt-pool and --matcher")
+        return None
+    from train.pillow import check_shots, load_pool
+
+    pool = load_pool(a.prompt_pool)
+    if a.shots is not None:
+        check_shots(a.shots, len(pool))
+    return pool
 
 
 if __name__ == "__main__":
