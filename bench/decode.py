@@ -15,8 +15,9 @@ tokens/s = new tokens / wall time including prefill (the paper's figure); decode
 the prefill: parallama times the engine's pure decode steps, the peers (transformers `generate` on
 the same weights, peft LoRA / (IA)³ on that model) the steps inside `generate` (a no-op logits
 processor notes when each step's logits arrive); the peers' prefill is the time of a 1-token generate.
-Every row reports the median of --runs after a warm-up, the peak memory growth around its runs and
-its KV bytes; the machine's memory bandwidth is measured before and after the runs and each row's
+Every row reports the median of --runs after a warm-up (parallama rows of one beams × batch setting, and
+the tenant rows, are run interleaved, round by round, so a drifting machine shifts them alike), the peak
+memory growth around its set-up and warm-up run, and its KV bytes; the machine's memory bandwidth is measured before and after the runs and each row's
 decode bytes/s is reported as a fraction of it. A summary lists the issue's targets as ratios.
 """
 
@@ -446,77 +447,107 @@ def tenant_adapters(model: Llama, n: int, seed: int = 0) -> dict[str, Adapter]:
     return out
 
 
+class ParallamaCase:
+    """One parallama row's set-up: `batch` requests (adapters per `assign`, default `request_adapters`)
+    through an engine of their own, in one batch or, with `sequential`, one after another.
+
+    Construction builds the engine and makes one warm-up run inside `PeakMemory` (the KV pool is
+    allocated there, so it counts). `run()` times one more run; `row()` gives the median of the runs.
+    Cases that are compared with each other are run interleaved (`run_interleaved`), so a machine
+    whose speed drifts during the benchmark (a shared VM) shifts every case alike.
+    """
+
+    def __init__(
+        self,
+        model: Llama,
+        ids: list[int],
+        new: int,
+        beams: int,
+        method: str = "base",
+        batch: int = 1,
+        *,
+        adapters: dict[str, Adapter] | None = None,
+        assign: list[str | None] | None = None,
+        tenants: int = 1,
+        sequential: bool = False,
+    ) -> None:
+        self.model, self.ids, self.new, self.beams, self.method, self.batch = model, ids, new, beams, method, batch
+        self.sequential = sequential
+        self.device = model.tok_embeddings.weight.device
+        self.results: list[tuple[float, float, float]] = []
+        with PeakMemory(self.device) as mem:
+            per_seq = math.ceil((len(ids) + new) / 16) + 2
+            self.live = 1 if sequential else batch
+            self.engine = Engine(model, num_blocks=per_seq * self.live * beams, max_batch=max(32, self.live * beams))
+            registry = adapters or {}
+            if not registry:
+                cfgs = {"para": PARAConfig(), "ia3": IA3Config(), "lora": LoRAConfig()}
+                registry = {k: create_adapter(model, c) for k, c in cfgs.items()}
+            for name, a in registry.items():
+                self.engine.add_adapter(name, a)
+            names = assign if assign is not None else request_adapters(method, batch, tenants)
+            self.tenants = len(set(names)) if method == "mixed" else tenants  # base rows share a mixed batch too
+            self.groups = [[a] for a in names] if sequential else [names]
+            self.params = SamplingParams(max_new_tokens=new, beams=beams, ignore_eos=True)
+            self._run()  # warm-up
+        self.peak_mem_mib = mem.mib
+
+    def _run(self) -> tuple[float, float, float]:
+        """(wall time, first steps = prefill + one decode, decode tok/s of the later steps) of all requests."""
+        wall = first = decode_time = 0.0
+        decoded = 0
+        for group in self.groups:
+            reqs = [self.engine.add_request(self.ids, self.params, adapter=a) for a in group]
+            sync(self.device)
+            t0 = time.perf_counter()
+            self.engine.step()
+            sync(self.device)
+            t1 = time.perf_counter()
+            steps = 0
+            while self.engine.has_unfinished():
+                self.engine.step()
+                steps += 1
+            sync(self.device)
+            t2 = time.perf_counter()
+            assert all(len(r.output_ids) == self.new for r in reqs) or self.beams > 1
+            wall, first, decode_time = wall + t2 - t0, first + t1 - t0, decode_time + t2 - t1
+            decoded += len(group) * steps
+        return wall, first, decoded / max(decode_time, 1e-9)
+
+    def run(self) -> None:
+        self.results.append(self._run())
+
+    def row(self) -> dict[str, Any]:
+        t_total, t_first, decode_tps = (statistics.median(r[i] for r in self.results) for i in range(3))
+        model, ids, batch = self.model, self.ids, self.batch
+        out = row(
+            "parallama", self.method, beams=self.beams, batch=1 if self.sequential else batch, prompt_len=len(ids),
+            new_tokens=self.new, t_total=t_total, t_prefill=t_first, tenants=self.tenants, requests=batch,
+            mode="sequential" if self.sequential else "batched",
+            # steps after the first are pure decode (one token per sequence), measured directly
+            decode_tps=decode_tps,
+            prefill_tps=batch * len(ids) / t_first,  # a lower bound: the first step also decodes once
+            kv_bytes=self.engine.peak_blocks_used * self.engine.cache.block_size * kv_bytes_per_token(model),
+            peak_mem_mib=self.peak_mem_mib,
+        )  # fmt: skip
+        step_bytes = bytes_per_decode_step(model, len(ids) + self.new // 2, self.live * self.beams)  # mid-generation
+        out["decode_gbs"] = step_bytes * decode_tps / self.live / 1e9  # a step gives each live request one token
+        return out
+
+
+def run_interleaved(cases: Sequence[ParallamaCase], runs: int) -> list[dict[str, Any]]:
+    """`runs` rounds, each timing every case once, then each case's row (medians over its runs)."""
+    for _ in range(runs):
+        for case in cases:
+            case.run()
+    return [case.row() for case in cases]
+
+
 def bench_parallama(
-    model: Llama,
-    ids: list[int],
-    new: int,
-    beams: int,
-    runs: int,
-    method: str = "base",
-    batch: int = 1,
-    *,
-    adapters: dict[str, Adapter] | None = None,
-    assign: list[str | None] | None = None,
-    tenants: int = 1,
-    sequential: bool = False,
+    model: Llama, ids: list[int], new: int, beams: int, runs: int, method: str = "base", batch: int = 1, **kw: Any
 ) -> dict[str, Any]:
-    """One parallama row: `batch` requests (adapters per `assign`, default `request_adapters`) through
-    the engine, in one batch or, with `sequential`, one after another."""
-    device = model.tok_embeddings.weight.device
-    with PeakMemory(device) as mem:  # the KV pool is allocated here, so it counts
-        per_seq = math.ceil((len(ids) + new) / 16) + 2
-        live = 1 if sequential else batch
-        engine = Engine(model, num_blocks=per_seq * live * beams, max_batch=max(32, live * beams))
-        registry = adapters or {}
-        if not registry:
-            cfgs = {"para": PARAConfig(), "ia3": IA3Config(), "lora": LoRAConfig()}
-            registry = {k: create_adapter(model, c) for k, c in cfgs.items()}
-        for name, a in registry.items():
-            engine.add_adapter(name, a)
-        names = assign if assign is not None else request_adapters(method, batch, tenants)
-        if method == "mixed":
-            tenants = len(set(names))  # base counts as a tenant: its rows share the batch too
-        groups = [[a] for a in names] if sequential else [names]
-        params = SamplingParams(max_new_tokens=new, beams=beams, ignore_eos=True)
-
-        def run() -> tuple[float, float, float]:
-            """(wall time, first steps = prefill + one decode, decode tok/s of the later steps) of all requests."""
-            wall = first = decode_time = 0.0
-            decoded = 0
-            for group in groups:
-                reqs = [engine.add_request(ids, params, adapter=a) for a in group]
-                sync(device)
-                t0 = time.perf_counter()
-                engine.step()
-                sync(device)
-                t1 = time.perf_counter()
-                steps = 0
-                while engine.has_unfinished():
-                    engine.step()
-                    steps += 1
-                sync(device)
-                t2 = time.perf_counter()
-                assert all(len(r.output_ids) == new for r in reqs) or beams > 1
-                wall, first, decode_time = wall + t2 - t0, first + t1 - t0, decode_time + t2 - t1
-                decoded += len(group) * steps
-            return wall, first, decoded / max(decode_time, 1e-9)
-
-        run()  # warm-up
-        results = [run() for _ in range(runs)]
-    t_total, t_first, decode_tps = (statistics.median(r[i] for r in results) for i in range(3))
-    out = row(
-        "parallama", method, beams=beams, batch=1 if sequential else batch, prompt_len=len(ids), new_tokens=new,
-        t_total=t_total, t_prefill=t_first, tenants=tenants, requests=batch,
-        mode="sequential" if sequential else "batched",
-        # steps after the first are pure decode (one token per sequence), measured directly
-        decode_tps=decode_tps,
-        prefill_tps=batch * len(ids) / t_first,  # a lower bound: the first step also decodes once
-        kv_bytes=engine.peak_blocks_used * engine.cache.block_size * kv_bytes_per_token(model),  # paged, measured
-        peak_mem_mib=mem.mib,
-    )  # fmt: skip
-    step_bytes = bytes_per_decode_step(model, len(ids) + new // 2, live * beams)  # every beam's K/V, mid-generation
-    out["decode_gbs"] = step_bytes * decode_tps / live / 1e9  # a step gives each live request one token
-    return out
+    """One parallama row on its own (keywords as `ParallamaCase`)."""
+    return run_interleaved([ParallamaCase(model, ids, new, beams, method, batch, **kw)], runs)[0]
 
 
 class CompiledStep:
@@ -788,22 +819,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for beams in a.beams:
         for batch in a.batch:
-            for method in a.methods:
-                if method == "mixed" and batch < len(METHODS):
-                    continue  # a mixed batch needs a request per method
-                log(f"parallama {method} beams={beams} batch={batch} ({a.runs} runs)")
-                add(bench_parallama(model, ids, a.new_tokens, beams, a.runs, method, batch))
+            methods = [m for m in a.methods if not (m == "mixed" and batch < len(METHODS))]  # mixed: one per method
+            log(f"parallama {', '.join(methods)} beams={beams} batch={batch} ({a.runs} interleaved runs)")
+            cases = [ParallamaCase(model, ids, a.new_tokens, beams, m, batch) for m in methods]
+            for r in run_interleaved(cases, a.runs):
+                add(r)
         if a.tenants:
             n = a.tenants
             regs = tenant_adapters(model, n)
-            for label, assign, t, seq in (
-                (f"{n} PARA adapters, one batch", [f"para{i}" for i in range(n)], n, False),
-                ("one PARA adapter, the same batch", ["para0"] * n, 1, False),
-                (f"{n} PARA adapters, {n} sequential runs", [f"para{i}" for i in range(n)], n, True),
-            ):
-                log(f"parallama tenants: {label} beams={beams} ({a.runs} runs)")
-                add(bench_parallama(model, ids, a.new_tokens, beams, a.runs, "para", n,
-                                    adapters=regs, assign=assign, tenants=t, sequential=seq))  # fmt: skip
+            log(f"parallama tenants: {n} PARA adapters in one batch, one adapter in the same batch, "
+                f"{n} sequential runs; beams={beams} ({a.runs} interleaved runs)")  # fmt: skip
+            cases = [
+                ParallamaCase(model, ids, a.new_tokens, beams, "para", n, adapters=regs, assign=assign, tenants=t,
+                              sequential=seq)
+                for assign, t, seq in (([f"para{i}" for i in range(n)], n, False), (["para0"] * n, 1, False),
+                                       ([f"para{i}" for i in range(n)], n, True))
+            ]  # fmt: skip
+            for r in run_interleaved(cases, a.runs):
+                add(r)
 
     hf, why = (None, "peers off (--no-peers)") if a.no_peers else load_hf_peer(a.model, DTYPES[a.dtype], a.device)
     if hf is None:

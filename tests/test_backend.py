@@ -145,7 +145,7 @@ def test_blas_linear_is_used_for_inference_and_matches_the_twin():
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(37, 100, generator=g)
-    for x in (torch.randn(1, 100, generator=g), torch.randn(2, 5, 100, generator=g)):
+    for x in (torch.randn(1, 100, generator=g), torch.randn(3, 100, generator=g), torch.randn(2, 5, 100, generator=g)):
         with torch.no_grad():
             assert cpu._blas_ok(x, w)
             torch.testing.assert_close(cpu.blas_linear(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
