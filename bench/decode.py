@@ -17,8 +17,9 @@ the same weights, peft LoRA / (IA)³ on that model) the steps inside `generate` 
 processor notes when each step's logits arrive); the peers' prefill is the time of a 1-token generate.
 Every row reports the median of --runs after a warm-up (parallama rows of one beams × batch setting, and
 the tenant rows, are run interleaved, round by round, so a drifting machine shifts them alike), the peak
-memory growth around its set-up and warm-up run, and its KV bytes; the machine's memory bandwidth is measured before and after the runs and each row's
-decode bytes/s is reported as a fraction of it. A summary lists the issue's targets as ratios.
+memory growth around its set-up and warm-up run, and its KV bytes; the machine's memory bandwidth is
+measured before and after the runs and each row's decode bytes/s is reported as a fraction of it. A
+summary lists the issue's targets as ratios.
 """
 
 from __future__ import annotations

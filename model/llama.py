@@ -305,6 +305,18 @@ class Llama(nn.Module):
         (prompt_lens: (B,) in [1, T]; None = the whole row is the prompt), and scales every position
         of that row; (IA)³ and LoRA ignore prompt_lens.
         """
+        h = self.hidden_states(tokens, adapter, prompt_lens)
+        with self.ops.scope():
+            return self.ops.linear_scale(h, self.output.weight).float()
+
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        adapter: Adapter | None = None,
+        prompt_lens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final norm's output (B, T, d) in the model's dtype: `forward` without the output projection
+        (e.g. to embed text by pooling it). Arguments as `forward`."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
         B, T = tokens.shape
@@ -322,7 +334,7 @@ class Llama(nn.Module):
             for i, layer in enumerate(self.layers):
                 scales, lora = (None, None) if adapter is None else adapter.layer(i, h, prompt_lens)
                 h = layer(h, cos_sin, scales=scales, lora=lora)
-            return self.ops.linear_scale(self.norm(h), self.output.weight).float()
+            return self.norm(h)
 
     @staticmethod
     def _check_prompt_lens(prompt_lens: torch.Tensor, B: int, T: int) -> None:

@@ -26,6 +26,17 @@ def test_logits_match_transformers(smollm2, hf_smollm2):
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
+def test_hidden_states_match_transformers(smollm2, hf_smollm2):
+    """`hidden_states` (what PILLOW pools) is HF's last hidden state, after the final norm."""
+    hf, tok = hf_smollm2
+    ids = torch.tensor([tok.encode(PROMPT, add_special_tokens=False)])
+    with torch.no_grad():
+        ours = smollm2.hidden_states(ids)
+        ref = hf(ids, output_hidden_states=True).hidden_states[-1]
+    assert ours.shape == ref.shape == (1, ids.shape[1], smollm2.args.dim)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_batched_logits_match_transformers(smollm2, hf_smollm2):
     hf, tok = hf_smollm2
     texts = [

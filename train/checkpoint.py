@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,14 @@ def _old(target: Path) -> Path:
     return target.with_name(f".{target.name}.old")
 
 
-def save(target: str | os.PathLike[str], adapter: Adapter, state: dict[str, Any]) -> Path:
-    """Write adapter + state into `target`, replacing what was there in one step."""
+def swap_in(target: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` to fill a temp directory beside `target`, then swap it in (target → .old,
+    temp → target): a crash leaves the old directory or the new one, never a torn mix."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
-        adapter.save(tmp)
-        torch.save(state, tmp / STATE)
+        write(tmp)
         old = _old(target)
         shutil.rmtree(old, ignore_errors=True)
         if target.exists():
@@ -41,6 +42,16 @@ def save(target: str | os.PathLike[str], adapter: Adapter, state: dict[str, Any]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def save(target: str | os.PathLike[str], adapter: Adapter, state: dict[str, Any]) -> Path:
+    """Write adapter + state into `target`, replacing what was there in one step."""
+
+    def write(tmp: Path) -> None:
+        adapter.save(tmp)
+        torch.save(state, tmp / STATE)
+
+    return swap_in(target, write)
 
 
 def find(target: str | os.PathLike[str]) -> Path | None:

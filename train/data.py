@@ -65,7 +65,7 @@ def read_jsonl(path: str | os.PathLike[str], skip_bad: bool = False) -> tuple[li
         for n, raw in enumerate(f, start=1):
             where = f"{p}:{n}"
             try:
-                record = _parse_line(raw)
+                record = parse_line(raw)
             except DataError as e:
                 if not skip_bad:
                     raise DataError(f"{where}: {e} (pass --skip-bad to skip bad lines)") from None
@@ -76,7 +76,7 @@ def read_jsonl(path: str | os.PathLike[str], skip_bad: bool = False) -> tuple[li
     return records, skipped
 
 
-def _parse_line(raw: bytes) -> dict | None:
+def parse_line(raw: bytes) -> dict | None:
     """The record of one line (None for a blank line); DataError says what is wrong with it."""
     try:
         line = raw.decode("utf-8").strip()

@@ -36,7 +36,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -51,7 +50,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from train.data import DataError, _parse_line
+from train.checkpoint import swap_in
+from train.data import DataError, parse_line
 from train.evaluate import Metric, exact_match
 
 Record = dict[str, Any]
@@ -77,7 +77,7 @@ def read_records(path: str | os.PathLike[str]) -> list[Record]:
     with p.open("rb") as f:
         for n, raw in enumerate(f, start=1):
             try:
-                rec = _parse_line(raw)
+                rec = parse_line(raw)
             except DataError as e:
                 raise PillowError(f"{p}:{n}: {e}") from None
             if rec is not None:
@@ -186,13 +186,8 @@ def embed_texts(model: Any, texts: Sequence[str], batch_size: int = 16) -> torch
 
 
 def hidden_mean(model: Any, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked mean of the final hidden states: Llama.forward's loop without the output projection."""
-    with model.ops.scope():
-        h = model.tok_embeddings(tokens)  # (B, T, d)
-        cos_sin = model.rope_cos_sin[: tokens.shape[1]]
-        for layer in model.layers:
-            h = layer(h, cos_sin)
-        h = model.norm(h).float()
+    """Masked mean over positions of the final hidden states (B, T, d) → (B, d)."""
+    h = model.hidden_states(tokens).float()
     return (h * mask).sum(1) / mask.sum(1)
 
 
@@ -349,24 +344,6 @@ def random_choices(
 
 
 # ---- matcher files ------------------------------------------------------------------------------------
-def _swap_in(target: Path, write: Callable[[Path], None]) -> Path:
-    """Write a directory's files into a temp dir beside `target`, then swap it in (target → .old, temp → target):
-    a crash leaves the old matcher or the new one, never a torn pair (as train/checkpoint.py does for last/)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    old = target.with_name(f".{target.name}.old")
-    try:
-        write(tmp)
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def save_matcher(matcher: Matcher, directory: str | os.PathLike[str], config: dict[str, Any]) -> Path:
     """OUT/matcher.safetensors (weights + normalisation buffers) and OUT/matcher.json, replaced atomically.
     `config` needs shots, pool_sha256, pool_size, base_model (fingerprint); dims are added here."""
@@ -378,7 +355,7 @@ def save_matcher(matcher: Matcher, directory: str | os.PathLike[str], config: di
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(full, indent=2) + "\n")
 
-    return _swap_in(Path(directory), write)
+    return swap_in(Path(directory), write)
 
 
 def load_matcher(directory: str | os.PathLike[str], model: Any = None) -> tuple[Matcher, dict[str, Any]]:
