@@ -59,6 +59,12 @@ class BlockTable:
     num_tokens: int = 0
 
 
+def _contiguous(table: BlockTable) -> tuple[int, int] | None:
+    """(first block, tokens) when the table's blocks are consecutive ids, else None."""
+    b = table.blocks
+    return (b[0], table.num_tokens) if b == list(range(b[0], b[0] + len(b))) else None
+
+
 class PagedKVCache:
     def __init__(
         self,
@@ -158,4 +164,5 @@ class PagedKVCache:
             seq_lens=torch.tensor([t.num_tokens for t in tables], device=dev),
             max_rows=max(num_new),
             logit_rows=None if all_logits else (first_row + counts - 1).to(dev),
+            contiguous_kv=_contiguous(tables[0]) if len(tables) == 1 else None,
         )

@@ -9,9 +9,10 @@ forward runs (the GEMMs, the bulk of the work, still use every core through BLAS
 
 The small ops are rewritten for fewer dispatches per layer (a decode step on SmolLM2 is ~15 ms of GEMV
 and was ~7 ms of ~450 small torch ops): RMSNorm is torch's one-call `F.rms_norm`, RoPE one complex multiply
-over Q and K together, and decode attention reads each sequence's K/V blocks in place when they are
-consecutive (else one `index_select`) and runs a GQA-folded SDPA instead of the reference's padded query
-grid and general mask. Measured in a decode step: ~1 ms of ~21 saved.
+over Q and K together. Attention reads a lone sequence's K/V in place when its blocks are consecutive
+(`StepBatch.contiguous_kv`, decided once per step, not per layer; else one `index_select`) and runs a
+GQA-folded SDPA instead of the reference's padded query grid and general mask. Measured in a decode step:
+~1 ms of ~21 saved.
 
 Only inference takes this path: a GEMM whose inputs need gradients, or that is not fp32 on CPU, runs the
 PyTorch twin (`reference.py`), so results agree with the twin up to fp32 summation order.
@@ -106,45 +107,42 @@ def paged_attention(
     row_to_seq: torch.Tensor,
     row_index: torch.Tensor,
     max_rows: int,
+    contiguous_kv: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """`reference.paged_attention`; decode steps (one row per sequence, in order, at seq_len - 1) and
-    single-sequence prefills take direct forms without the padded query grid and general mask."""
+    single-sequence prefills take direct forms without the padded query grid and general mask, and a
+    lone sequence with consecutive blocks (`contiguous_kv` = (first block, context)) is read in place."""
     S, nb = block_tables.shape
     M, H, hd = q.shape
     _, bs, n_kv, _ = k_cache.shape
     g = H // n_kv
-    if max_rows == 1 and M == S:  # decode: row s is sequence s's newest token, its K/V already written
-        first = int(block_tables[0, 0])
-        if S == 1 and int(block_tables[0, -1]) - first == nb - 1 and _is_range(block_tables[0]):
-            # the pool hands a lone sequence consecutive blocks: its K/V are a view, nothing to copy
-            k = k_cache[first : first + nb].view(1, nb * bs, n_kv, hd)
-            v = v_cache[first : first + nb].view(1, nb * bs, n_kv, hd)
-        else:
-            flat = block_tables.reshape(-1)
-            k = k_cache.index_select(0, flat).view(S, nb * bs, n_kv, hd)  # (S, L, H_kv, hd)
-            v = v_cache.index_select(0, flat).view(S, nb * bs, n_kv, hd)
-        mask = None
-        if S == 1:  # drop the unfilled tail of the last block instead of masking it
-            k, v = k[:, : int(seq_lens[0])], v[:, : int(seq_lens[0])]
-        else:
-            mask = (torch.arange(nb * bs, device=q.device) < seq_lens[:, None])[:, None, None]  # (S, 1, 1, L)
+    if S == 1:
+        L = contiguous_kv[1] if contiguous_kv is not None else int(seq_lens[0])
+        if M in (1, L):  # its newest token (decode) or its whole prompt from position 0 (prefill)
+            if contiguous_kv is not None:  # consecutive blocks: the K/V are a slice of the pool, no copy
+                first = contiguous_kv[0]
+                k = k_cache[first : first + nb].flatten(0, 1)[None, :L]  # (1, L, H_kv, hd)
+                v = v_cache[first : first + nb].flatten(0, 1)[None, :L]
+            else:  # scattered blocks (e.g. beams sharing a prefix): one gather
+                k = k_cache.index_select(0, block_tables[0]).flatten(0, 1)[None, :L]
+                v = v_cache.index_select(0, block_tables[0]).flatten(0, 1)[None, :L]
+            if M == L:
+                return reference.attention(q[None], k, v, causal=True)[0]
+            out = F.scaled_dot_product_attention(q.view(1, n_kv, g, hd), k.transpose(1, 2), v.transpose(1, 2))
+            return out.reshape(M, H, hd)
+    elif max_rows == 1 and M == S:  # decode: row s is sequence s's newest token, its K/V already written
+        flat = block_tables.reshape(-1)
+        k = k_cache.index_select(0, flat).view(S, nb * bs, n_kv, hd)  # (S, L, H_kv, hd), padded to the longest
+        v = v_cache.index_select(0, flat).view(S, nb * bs, n_kv, hd)
+        mask = (torch.arange(nb * bs, device=q.device) < seq_lens[:, None])[:, None, None]  # (S, 1, 1, L)
         # the g query heads of each KV head are g query rows against that head's K/V: no GQA expansion
         out = F.scaled_dot_product_attention(
             q.view(S, n_kv, g, hd), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
         )
         return out.reshape(M, H, hd)
-    if S == 1 and M == int(seq_lens[0]):  # a whole prompt from position 0: plain causal attention
-        k = k_cache.index_select(0, block_tables[0]).flatten(0, 1)[:M]  # (M, H_kv, hd)
-        v = v_cache.index_select(0, block_tables[0]).flatten(0, 1)[:M]
-        return reference.attention(q[None], k[None], v[None], causal=True)[0]
     return reference.paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, positions, row_to_seq, row_index, max_rows
     )
-
-
-def _is_range(ids: torch.Tensor) -> bool:
-    """ids == first, first + 1, ... (callers check the ends first, so most tables never get here)."""
-    return ids.numel() <= 2 or bool((ids[1:] - ids[:-1] == 1).all())
 
 
 @contextmanager

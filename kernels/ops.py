@@ -119,7 +119,9 @@ def _triton_ops() -> Ops:
     from kernels.rms_norm import fused_rms_norm
     from kernels.rope import fused_rope
 
-    def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, positions, row_to_seq, row_index, max_rows):
+    def paged_attention(
+        q, k_cache, v_cache, block_tables, seq_lens, positions, row_to_seq, row_index, max_rows, contiguous_kv=None
+    ):
         # decode (one row per sequence, rows in sequence order as PagedKVCache.prepare_step packs them,
         # each at position seq_len - 1): the Triton kernel; prefill chunks: the twin
         if max_rows == 1 and q.shape[0] == block_tables.shape[0]:

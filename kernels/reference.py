@@ -156,13 +156,15 @@ def paged_attention(
     row_to_seq: torch.Tensor,
     row_index: torch.Tensor,
     max_rows: int,
+    contiguous_kv: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed query rows over each sequence's paged K/V.
 
     q: (M, H, hd) rows of S sequences (row m is token `row_index[m]` of this step for sequence
     `row_to_seq[m]`, at absolute position `positions[m]`); caches (N, bs, H_kv, hd) already hold
     this step's K/V; block_tables (S, nb); seq_lens (S,) context length per sequence.
-    Query heads are grouped per KV head, so GQA never materialises repeated K/V.
+    Query heads are grouped per KV head, so GQA never materialises repeated K/V. contiguous_kv
+    (`StepBatch.contiguous_kv`) is a hint for faster backends; the reference gathers regardless.
     """
     M, H, hd = q.shape
     S = block_tables.shape[0]

@@ -109,6 +109,9 @@ class StepBatch:
     max_rows: int  # most new rows any sequence has in this step (1 for pure decode)
     logit_rows: torch.Tensor | None = None  # rows whose logits are returned (None: all)
     adapters: AdapterStep | None = None  # per-row adapters (None: no row has one)
+    # one sequence whose blocks are consecutive ids: (first block, context length); its K/V are then a
+    # slice of the pool, which backends may read in place (decided once per step, not per layer)
+    contiguous_kv: tuple[int, int] | None = None
 
 
 class RMSNorm(nn.Module):
@@ -183,7 +186,7 @@ class Attention(nn.Module):
             ops.write_kv(k_cache, v_cache, step.slots, k, v)
             out = ops.paged_attention(
                 q, k_cache, v_cache, step.block_tables, step.seq_lens,
-                step.positions, step.row_to_seq, step.row_index, step.max_rows,
+                step.positions, step.row_to_seq, step.row_index, step.max_rows, contiguous_kv=step.contiguous_kv,
             )  # fmt: skip
         return _project(ops, out.reshape(*lead, -1), self.wo.weight, lora=lo.get("o"))
 

@@ -181,7 +181,8 @@ def test_cpu_small_ops_match_the_twins():
 @pytest.mark.parametrize("lens", [[21], [7, 16, 1, 30]])
 def test_cpu_paged_attention_matches_the_twin(lens):
     """Decode (one row per sequence; a partly filled last block; ragged lengths) and one-sequence prefill
-    take the cpu backend's direct forms; a multi-sequence prefill step falls back to the twin."""
+    take the cpu backend's direct forms (a lone sequence's consecutive blocks read in place, the prefill
+    then too); a multi-sequence prefill step falls back to the twin."""
     from kernels import cpu, reference
 
     g = torch.Generator().manual_seed(len(lens))
@@ -192,9 +193,11 @@ def test_cpu_paged_attention_matches_the_twin(lens):
     perm = torch.randperm(n_blocks, generator=g)  # scattered blocks, as a real pool hands them out
     tables = perm[: len(lens) * width].view(len(lens), width)
 
+    contiguous = None
+
     def both(q, seq_lens, positions, row_to_seq, row_index, max_rows):
         a = (q, k_cache, v_cache, tables, seq_lens, positions, row_to_seq, row_index, max_rows)
-        return cpu.paged_attention(*a), reference.paged_attention(*a)
+        return cpu.paged_attention(*a, contiguous_kv=contiguous), reference.paged_attention(*a)
 
     S = len(lens)
     seq_lens = torch.tensor(lens)
@@ -202,7 +205,7 @@ def test_cpu_paged_attention_matches_the_twin(lens):
     got, want = both(torch.randn(S, H, hd, generator=g), *decode)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     if S == 1:  # consecutive blocks (how a fresh pool serves a lone sequence): attended in place
-        tables = torch.arange(2, 2 + width)[None]
+        tables, contiguous = torch.arange(2, 2 + width)[None], (2, lens[0])
         got, want = both(torch.randn(S, H, hd, generator=g), *decode)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # a prefill step: every sequence's whole prompt at once

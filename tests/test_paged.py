@@ -85,5 +85,9 @@ def test_freed_blocks_are_handed_out_again_in_ascending_order():
     assert first.blocks == [0, 1, 2, 3]
     cache.free(first)
     again = BlockTable()
-    cache.reserve(again, 9)
+    assert cache.prepare_step([again], [9]).contiguous_kv == (0, 9)  # blocks 0, 1, 2: attended in place
     assert again.blocks == [0, 1, 2]
+    other = BlockTable()
+    cache.prepare_step([other], [3])  # block 3
+    assert cache.prepare_step([again], [4]).contiguous_kv is None  # 0, 1, 2 then 4: not consecutive
+    assert cache.prepare_step([again, other], [1, 1]).contiguous_kv is None  # two sequences
