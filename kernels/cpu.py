@@ -64,8 +64,11 @@ def blas_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def linear_scale(
     x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, row_to_seq: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`reference.linear_scale` with the GEMM on BLAS."""
-    return reference.apply_scale(blas_linear(x, w), scale, row_to_seq)
+    """`reference.linear_scale` with the GEMM on BLAS (the scale applied in place on its fresh output)."""
+    if scale is None or not _blas_ok(x, w):
+        return reference.apply_scale(blas_linear(x, w), scale, row_to_seq)
+    y = blas_linear(x, w)
+    return y.mul_(scale[row_to_seq] if row_to_seq is not None else reference.broadcast_scale(scale, y))
 
 
 def gated_up(
@@ -75,8 +78,32 @@ def gated_up(
     scale_u: torch.Tensor | None = None,
     row_to_seq: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`reference.gated_up` with the GEMMs on BLAS."""
-    return reference.gated_up(x, w_gate, w_up, scale_u, row_to_seq, matmul=blas_linear)
+    """`reference.gated_up` with the GEMMs on BLAS: one GEMM when the weights are adjacent row blocks of
+    one tensor (the model stores w1 | w3 stacked), and the SwiGLU epilogue in place on its output."""
+    stacked = _stacked(w_gate, w_up)
+    if stacked is None or not _blas_ok(x, stacked):
+        return reference.gated_up(x, w_gate, w_up, scale_u, row_to_seq, matmul=blas_linear)
+    gate, up = blas_linear(x, stacked).split(w_gate.shape[0], dim=-1)  # views of a fresh (..., 2N) buffer
+    if scale_u is not None:
+        up = up.mul_(scale_u[row_to_seq] if row_to_seq is not None else reference.broadcast_scale(scale_u, up))
+    return F.silu(gate).mul_(up)
+
+
+def _stacked(w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor | None:
+    """w_gate and w_up as one (2N, K) tensor when they are views of one tensor and w_up's rows directly
+    follow w_gate's, else None."""
+    if (
+        w_gate.dim() != 2
+        or w_gate.shape != w_up.shape
+        or w_gate.dtype != w_up.dtype
+        or w_gate._base is None  # views of one tensor (a cheap check: this runs in every layer's decode)
+        or w_gate._base is not w_up._base
+        or not (w_gate.is_contiguous() and w_up.is_contiguous())
+        or w_up.storage_offset() != w_gate.storage_offset() + w_gate.numel()
+    ):
+        return None
+    n, k = w_gate.shape
+    return w_gate.as_strided((2 * n, k), (k, 1))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -110,7 +137,7 @@ def paged_attention(
     contiguous_kv: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """`reference.paged_attention`; decode steps (one row per sequence, in order, at seq_len - 1) and
-    single-sequence prefills take direct forms without the padded query grid and general mask, and a
+    prefills of whole prompts take direct forms without the padded query grid and general mask, and a
     lone sequence with consecutive blocks (`contiguous_kv` = (first block, context)) is read in place."""
     S, nb = block_tables.shape
     M, H, hd = q.shape
@@ -140,8 +167,30 @@ def paged_attention(
             q.view(S, n_kv, g, hd), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
         )
         return out.reshape(M, H, hd)
+    elif _whole_prompts_in_order(positions, row_to_seq, row_index, seq_lens):
+        # a prefill of several prompts, each from position 0: one causal SDPA per sequence over its own
+        # rows instead of the twin's query grid padded to the longest prompt and its general mask
+        out, start = [], 0
+        for s, n in enumerate(seq_lens.tolist()):
+            k = k_cache.index_select(0, block_tables[s]).flatten(0, 1)[None, :n]  # (1, n, H_kv, hd)
+            v = v_cache.index_select(0, block_tables[s]).flatten(0, 1)[None, :n]
+            out.append(reference.attention(q[None, start : start + n], k, v, causal=True)[0])
+            start += n
+        return torch.cat(out)
     return reference.paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, positions, row_to_seq, row_index, max_rows
+    )
+
+
+def _whole_prompts_in_order(
+    positions: torch.Tensor, row_to_seq: torch.Tensor, row_index: torch.Tensor, seq_lens: torch.Tensor
+) -> bool:
+    """Rows packed sequence after sequence (as `PagedKVCache.prepare_step` packs them), sequence s's
+    rows its tokens 0 .. seq_lens[s] - 1: then it owns rows [sum(seq_lens[:s]), sum(seq_lens[:s+1]))."""
+    return bool(
+        torch.equal(torch.bincount(row_to_seq, minlength=len(seq_lens)), seq_lens)
+        and (positions == row_index).all()
+        and (row_to_seq[1:] >= row_to_seq[:-1]).all()
     )
 
 

@@ -86,7 +86,14 @@ def apply_scale(y: torch.Tensor, scale: torch.Tensor | None, row_to_seq: torch.T
         return y
     if row_to_seq is not None:
         return y * scale[row_to_seq].to(y.dtype)
-    return y * scale.view(scale.shape[0], *([1] * (y.dim() - 2)), -1).to(y.dtype)
+    return y * broadcast_scale(scale, y)
+
+
+def broadcast_scale(scale: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """scale (S, N), one row per leading index of y (or 1 for all), viewed to broadcast against y (S, ..., N)."""
+    if y.dim() > 2:
+        scale = scale.view(scale.shape[0], *([1] * (y.dim() - 2)), -1)
+    return scale if scale.dtype == y.dtype else scale.to(y.dtype)  # decode calls this per layer: no no-op calls
 
 
 def lora_add(

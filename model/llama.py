@@ -148,12 +148,9 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.split = [args.q_dim, args.kv_dim, args.kv_dim]
         # Meta's wq | wk | wv stacked by rows, so Q, K and V are one GEMM with one scale epilogue; state
-        # dicts still say attention.wq/wk/wv.weight (split on save, stacked on load by the hooks below)
-        self.wqkv = nn.Parameter(torch.empty(sum(self.split), args.dim))
-        nn.init.kaiming_uniform_(self.wqkv, a=math.sqrt(5))  # what each nn.Linear would have done
+        # dicts still say attention.wq/wk/wv.weight (split on save, stacked on load)
+        self.wqkv = _stacked_weight(self, "wqkv", dict(zip(("wq", "wk", "wv"), self.split)), args.dim)
         self.wo = nn.Linear(args.q_dim, args.dim, bias=False)
-        self.register_state_dict_post_hook(_split_qkv)
-        self.register_load_state_dict_pre_hook(_stack_qkv)
 
     def forward(
         self,
@@ -200,16 +197,26 @@ class Attention(nn.Module):
         )
 
 
-def _split_qkv(module: Attention, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    w = state_dict.pop(prefix + "wqkv")
-    for name, part in zip(("wq", "wk", "wv"), w.split(module.split)):
-        state_dict[f"{prefix}{name}.weight"] = part.clone()  # own storage: safetensors refuses shared tensors
+def _stacked_weight(module: nn.Module, name: str, parts: dict[str, int], in_dim: int) -> nn.Parameter:
+    """One (sum(rows), in_dim) parameter for several of Meta's projections that read the same input, so
+    they run as one GEMM. State dicts keep Meta's names: `{part}.weight` tensors are split out on save
+    and stacked on load by the hooks registered here."""
+    weight = nn.Parameter(torch.empty(sum(parts.values()), in_dim))
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # what each nn.Linear would have done (same fan-in)
 
+    def split(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        w = state_dict.pop(prefix + name)
+        for part, rows in zip(parts, w.split(list(parts.values()))):
+            state_dict[f"{prefix}{part}.weight"] = rows.clone()  # own storage: safetensors refuses shared tensors
 
-def _stack_qkv(module: Attention, state_dict: dict, prefix: str, *args: Any) -> None:
-    names = [f"{prefix}{n}.weight" for n in ("wq", "wk", "wv")]
-    if all(n in state_dict for n in names):
-        state_dict[prefix + "wqkv"] = torch.cat([state_dict.pop(n) for n in names])
+    def stack(state_dict: dict, prefix: str, *args: Any) -> None:
+        keys = [f"{prefix}{part}.weight" for part in parts]
+        if all(k in state_dict for k in keys):
+            state_dict[prefix + name] = torch.cat([state_dict.pop(k) for k in keys])
+
+    module.register_state_dict_post_hook(split)
+    module.register_load_state_dict_pre_hook(lambda mod, *args: stack(*args))
+    return weight
 
 
 class FeedForward(nn.Module):
@@ -218,9 +225,11 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, ops: Ops = TORCH_OPS) -> None:
         super().__init__()
         self.ops = ops
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.hidden_dim = hidden_dim
+        # w1 | w3 stacked by rows (state dicts still say feed_forward.w1/w3.weight): gate and up are
+        # adjacent row blocks of one tensor, which a backend may run as one GEMM
+        self.w13 = _stacked_weight(self, "w13", {"w1": hidden_dim, "w3": hidden_dim}, dim)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(
         self, x: torch.Tensor, scale_u: torch.Tensor | None = None, lora: dict[str, list[LoRADelta]] | None = None
@@ -228,11 +237,12 @@ class FeedForward(nn.Module):
         """x: (B, T, d) | (M, d); scale_u (B | M, hidden): an adapter's scale of the up projection
         (PARA's l_u; (IA)³'s down-proj input scale, since silu(g)·u·l = silu(g)·(l·u)); lora "gate"/"up"/"down"."""
         ops, lo = self.ops, lora or {}
+        w_gate, w_up = self.w13.split(self.hidden_dim)  # (hidden, d) views
         if lo.get("gate") or lo.get("up"):  # LoRA on gate/up: the two GEMMs cannot be fused
-            gate = _project(ops, x, self.w1.weight, lora=lo.get("gate"))
-            hidden = F.silu(gate) * _project(ops, x, self.w3.weight, scale_u, lo.get("up"))
+            gate = _project(ops, x, w_gate, lora=lo.get("gate"))
+            hidden = F.silu(gate) * _project(ops, x, w_up, scale_u, lo.get("up"))
         else:
-            hidden = ops.gated_up(x, self.w1.weight, self.w3.weight, scale_u=scale_u)
+            hidden = ops.gated_up(x, w_gate, w_up, scale_u=scale_u)
         return _project(ops, hidden, self.w2.weight, lora=lo.get("down"))
 
 

@@ -178,11 +178,55 @@ def test_cpu_small_ops_match_the_twins():
     torch.testing.assert_close(cpu.rope(xt, table[:6]), reference.rope(xt, table[:6]), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 9])
+def test_cpu_gated_up_one_gemm_over_stacked_weights(rows):
+    """w1 | w3 stored as one tensor (as FeedForward keeps them) run as one GEMM with the SwiGLU epilogue in
+    place; it equals the twin with and without a scale (per sequence, broadcast, or per row), and separate
+    weights take the two-GEMM path."""
+    from kernels import cpu, reference
+
+    g = torch.Generator().manual_seed(rows)
+    w13 = torch.randn(2 * 37, 50, generator=g)
+    wg, wu = w13.split(37)
+    assert cpu._stacked(wg, wu) is not None and cpu._stacked(wu, wg) is None
+    assert cpu._stacked(wg.clone(), wu.clone()) is None
+    x = torch.randn(rows, 50, generator=g)
+    r2s = torch.randint(0, 3, (rows,), generator=g)
+    for scale, rs in (
+        (None, None),
+        (torch.rand(1, 37, generator=g) + 0.5, None),
+        (torch.rand(3, 37, generator=g), r2s),
+    ):
+        want = reference.gated_up(x, wg, wu, scale, rs)
+        torch.testing.assert_close(cpu.gated_up(x, wg, wu, scale, rs), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cpu.gated_up(x, wg.clone(), wu.clone(), scale, rs), want, rtol=1e-5, atol=1e-5)
+    x3 = torch.randn(2, rows, 50, generator=g)  # (B, T, K) with a (B, N) per-sequence scale
+    s3 = torch.rand(2, 37, generator=g)
+    torch.testing.assert_close(cpu.gated_up(x3, wg, wu, s3), reference.gated_up(x3, wg, wu, s3), rtol=1e-5, atol=1e-5)
+    assert torch.equal(w13, torch.cat([wg, wu]))  # the weights were not touched
+
+
+def test_stacked_weights_keep_metas_names():
+    """wqkv and w13 are stored stacked, but state dicts name Meta's wq/wk/wv and w1/w3, and load back by them."""
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=40, multiple_of=16, max_seq_len=16)
+    torch.manual_seed(0)
+    a, b = Llama(args), Llama(args)
+    sd = a.state_dict()
+    assert "layers.0.feed_forward.w1.weight" in sd and "layers.0.feed_forward.w3.weight" in sd
+    assert not any("w13" in k or "wqkv" in k for k in sd)
+    ffn = a.layers[0].feed_forward
+    assert torch.equal(sd["layers.0.feed_forward.w3.weight"], ffn.w13[ffn.hidden_dim :])
+    b.load_state_dict(sd)
+    tokens = torch.randint(0, 40, (2, 9))
+    assert torch.equal(a(tokens), b(tokens))
+
+
 @pytest.mark.parametrize("lens", [[21], [7, 16, 1, 30]])
 def test_cpu_paged_attention_matches_the_twin(lens):
     """Decode (one row per sequence; a partly filled last block; ragged lengths) and one-sequence prefill
     take the cpu backend's direct forms (a lone sequence's consecutive blocks read in place, the prefill
-    then too); a multi-sequence prefill step falls back to the twin."""
+    then too); a prefill of several whole prompts runs one causal SDPA per sequence; a step mixing a
+    prompt with another sequence's decode row falls back to the twin."""
     from kernels import cpu, reference
 
     g = torch.Generator().manual_seed(len(lens))
@@ -213,5 +257,15 @@ def test_cpu_paged_attention_matches_the_twin(lens):
     row_to_seq = torch.repeat_interleave(torch.arange(S), counts)
     row_index = torch.arange(len(row_to_seq)) - (torch.cumsum(counts, 0) - counts)[row_to_seq]
     q = torch.randn(len(row_to_seq), H, hd, generator=g)
+    assert cpu._whole_prompts_in_order(row_index, row_to_seq, row_index, seq_lens)
     got, want = both(q, seq_lens, row_index, row_to_seq, row_index, max(lens))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if S > 1:  # sequence 0 decodes its newest token while the others prefill: not whole prompts
+        keep = row_index >= 0
+        keep[: lens[0] - 1] = False
+        pos = row_index.clone()
+        pos[lens[0] - 1] = lens[0] - 1
+        r_idx = torch.where(row_to_seq == 0, 0, row_index)[keep]
+        assert not cpu._whole_prompts_in_order(pos[keep], row_to_seq[keep], r_idx, seq_lens)
+        got, want = both(q[keep], seq_lens, pos[keep], row_to_seq[keep], r_idx, max(lens))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -166,6 +166,37 @@ def test_summary_targets():
     assert "| not met |" in text and "| met |" in text and "≤ 1.05" in text
 
 
+def test_paired_ratio_cancels_drift_between_rounds():
+    """Rows run in the same interleaved rounds compare round by round: a machine twice as fast in round 2
+    moves both rows alike, so the paired ratio is the per-round 0.9, while the ratio of medians is not."""
+    base, para = fake("parallama", "base", 100.0), fake("parallama", "para", 99.0)
+    base["runs_tps"], para["runs_tps"] = [100.0, 200.0, 100.0], [90.0, 180.0, 90.0]
+    t = bd._target("PARA / base", para, base, "tps", 0.98)
+    assert t["paired"] and t["ratio"] == pytest.approx(0.9) and t["met"] is False
+    para["runs_tps"] = [90.0, 180.0]  # not the same rounds: the medians' ratio
+    t = bd._target("PARA / base", para, base, "tps", 0.98)
+    assert not t["paired"] and t["ratio"] == pytest.approx(0.99) and t["met"] is True
+    assert "per-round" not in bd.format_summary([t])
+
+
+def test_interleaved_rounds_rotate_the_order():
+    order = []
+
+    class Case:
+        def __init__(self, name):
+            self.name = name
+
+        def run(self):
+            order.append(self.name)
+
+        def row(self):
+            return {"name": self.name}
+
+    rows = bd.run_interleaved([Case("a"), Case("b"), Case("c")], runs=4)
+    assert [r["name"] for r in rows] == ["a", "b", "c"]
+    assert order == [*"abc", *"bca", *"cab", *"abc"]
+
+
 def test_table_and_roof():
     rows = [fake("parallama", "base", 50.0), fake("peft", "ia3", 10.0), fake("transformers", "base", 20.0)]
     rows[0]["decode_gbs"] = 10.0
