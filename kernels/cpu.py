@@ -107,10 +107,26 @@ def _stacked(w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor | None:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`reference.rms_norm` as one op (fp32/fp64, where the twin's cast round-trip is a no-op)."""
+    """`reference.rms_norm` as one op (fp32/fp64, where the twin's cast round-trip is a no-op); a decode
+    step's single row through numpy (a dot product and two multiplies: ~5 µs instead of torch's ~9)."""
     if x.dtype not in _EXACT or weight.dtype != x.dtype:
         return reference.rms_norm(x, weight, eps)
+    if x.numel() == x.shape[-1] and _blas_ok(x, weight) and x.is_contiguous():
+        xn, wn = x.detach().numpy().reshape(-1), weight.detach().numpy()
+        out = np.multiply(xn, wn)
+        out *= 1.0 / np.sqrt(np.dot(xn, xn) / xn.shape[0] + eps)
+        return torch.from_numpy(out).view(x.shape)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """`reference.write_kv` with `index_copy_` (half the cost of an indexed assignment for a decode row)."""
+    if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
+        return reference.write_kv(k_cache, v_cache, slots, k, v)
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
 
 
 def rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:

@@ -91,6 +91,7 @@ CPU_OPS = dataclasses.replace(
     backend="cpu",
     rms_norm=cpu.rms_norm,
     rope=cpu.rope,
+    write_kv=cpu.write_kv,
     paged_attention=cpu.paged_attention,
     linear_scale=cpu.linear_scale,
     gated_up=cpu.gated_up,

@@ -165,6 +165,8 @@ def test_cpu_small_ops_match_the_twins():
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(3, 5, 100, generator=g), torch.randn(100, generator=g)
     torch.testing.assert_close(cpu.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5), rtol=1e-6, atol=1e-6)
+    for row in (x[0, :1], x[1, 2], x[None, 2, 4:5]):  # one row (a decode step's): the numpy form
+        torch.testing.assert_close(cpu.rms_norm(row, w, 1e-5), reference.rms_norm(row, w, 1e-5), rtol=1e-6, atol=1e-6)
     xb = x.bfloat16()  # not an exact dtype for the rewrite: the twin runs
     assert torch.equal(cpu.rms_norm(xb, w.bfloat16(), 1e-5), reference.rms_norm(xb, w.bfloat16(), 1e-5))
     table = reference.rope_table(reference.rope_frequencies(18, 10000.0), 40)  # (40, 9, 2)
@@ -176,6 +178,22 @@ def test_cpu_small_ops_match_the_twins():
     assert not torch.equal(got, qk)  # it rotated
     xt = torch.randn(2, 6, 4, 18, generator=g)  # (B, T, H, hd) with a (T, hd/2, 2) table
     torch.testing.assert_close(cpu.rope(xt, table[:6]), reference.rope(xt, table[:6]), rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_write_kv_matches_the_twin():
+    from kernels import cpu, reference
+
+    g = torch.Generator().manual_seed(0)
+    pools = [torch.randn(6, 4, 2, 8, generator=g) for _ in range(2)]  # K and V pools (blocks, bs, H_kv, hd)
+    pools += [p.clone() for p in pools]
+    slots = torch.tensor([3, 17, 0, 22])
+    k, v = torch.randn(2, 4, 2, 8, generator=g).unbind(0)
+    cpu.write_kv(pools[0], pools[1], slots, k, v)
+    reference.write_kv(pools[2], pools[3], slots, k, v)
+    assert torch.equal(pools[0], pools[2]) and torch.equal(pools[1], pools[3])
+    assert torch.equal(pools[0].view(-1, 2, 8)[17], k[1])
+    cpu.write_kv(pools[0], pools[1], slots[:1], k[:1].double(), v[:1].double())  # cast as the twin does
+    assert torch.equal(pools[1].view(-1, 2, 8)[3], v[0])
 
 
 @pytest.mark.parametrize("rows", [1, 5, 9])
