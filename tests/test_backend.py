@@ -140,7 +140,7 @@ def test_backend_resolution(monkeypatch):
         get_ops("auto")
 
 
-def test_blas_linear_is_used_for_inference_and_matches_the_twin():
+def test_blas_linear_is_used_for_inference_and_matches_the_twin(monkeypatch):
     from kernels import cpu
 
     g = torch.Generator().manual_seed(0)
@@ -149,6 +149,10 @@ def test_blas_linear_is_used_for_inference_and_matches_the_twin():
         with torch.no_grad():
             assert cpu._blas_ok(x, w)
             torch.testing.assert_close(cpu.blas_linear(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    x3 = torch.randn(3, 100, generator=g)
+    monkeypatch.setattr(cpu, "GEMV_CHUNK_BYTES", 8 * 100 * 4)  # weight rows in chunks of 8: 8, 8, 8, 8, 5
+    with torch.no_grad():
+        torch.testing.assert_close(cpu.blas_linear(x3, w), torch.nn.functional.linear(x3, w), rtol=1e-5, atol=1e-5)
     wg = w.clone().requires_grad_()
     assert not cpu._blas_ok(x, wg)  # autograd needs the twin
     assert not cpu._blas_ok(x.double(), w.double())
