@@ -75,7 +75,7 @@ def linear_scale(
     if scale is None or not _blas_ok(x, w):
         return reference.apply_scale(blas_linear(x, w), scale, row_to_seq)
     y = blas_linear(x, w)
-    return y.mul_(scale[row_to_seq] if row_to_seq is not None else reference.broadcast_scale(scale, y))
+    return y.mul_(reference.broadcast_scale(scale, y, row_to_seq))
 
 
 def gated_up(
@@ -92,7 +92,7 @@ def gated_up(
         return reference.gated_up(x, w_gate, w_up, scale_u, row_to_seq, matmul=blas_linear)
     gate, up = blas_linear(x, stacked).split(w_gate.shape[0], dim=-1)  # views of a fresh (..., 2N) buffer
     if scale_u is not None:
-        up = up.mul_(scale_u[row_to_seq] if row_to_seq is not None else reference.broadcast_scale(scale_u, up))
+        up = up.mul_(reference.broadcast_scale(scale_u, up, row_to_seq))
     return F.silu(gate).mul_(up)
 
 

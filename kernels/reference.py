@@ -84,14 +84,15 @@ def apply_scale(y: torch.Tensor, scale: torch.Tensor | None, row_to_seq: torch.T
     """y * scale[row_to_seq] (see `linear_scale` for the broadcast rules); y unchanged when scale is None."""
     if scale is None:
         return y
+    return y * broadcast_scale(scale, y, row_to_seq)
+
+
+def broadcast_scale(scale: torch.Tensor, y: torch.Tensor, row_to_seq: torch.Tensor | None = None) -> torch.Tensor:
+    """scale (S, N) in y's dtype, shaped to multiply y: gathered per row (`row_to_seq`), else one row per
+    leading index of y (or 1 for all) viewed to broadcast against y (S, ..., N)."""
     if row_to_seq is not None:
-        return y * scale[row_to_seq].to(y.dtype)
-    return y * broadcast_scale(scale, y)
-
-
-def broadcast_scale(scale: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """scale (S, N), one row per leading index of y (or 1 for all), viewed to broadcast against y (S, ..., N)."""
-    if y.dim() > 2:
+        scale = scale[row_to_seq]
+    elif y.dim() > 2:
         scale = scale.view(scale.shape[0], *([1] * (y.dim() - 2)), -1)
     return scale if scale.dtype == y.dtype else scale.to(y.dtype)  # decode calls this per layer: no no-op calls
 
