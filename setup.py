@@ -7,8 +7,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["model*", "kernels*", "weights*", "infer*", "train*"]),
     install_requires=[
-        # On a CPU machine install torch==2.13.0 first (`make` does): an unpinned torch would pull
-        # the multi-GB CUDA build, and an installed 2.13.0 satisfies this range.
+        # Ranges for installing into your own environment; `make` installs the exact versions in
+        # requirements.lock instead. On a CPU machine install torch first: an unpinned torch would
+        # pull the multi-GB CUDA build, and an installed one satisfies this range.
         "torch>=2.5",
         "triton>=3.2",
         "safetensors>=0.4",
@@ -22,6 +23,14 @@ setup(
     ],
     extras_require={
         # test oracles and benchmark peers; never imported by the packages above
-        "dev": ["pytest>=8", "hypothesis>=6", "transformers>=4.46", "peft>=0.13", "accelerate>=1.0", "ruff>=0.6"],
+        "dev": [
+            "pytest>=8",
+            "pytest-randomly>=3.15",  # random test order, seed printed: order dependence shows up in CI
+            "hypothesis>=6",
+            "transformers>=4.46",
+            "peft>=0.13",
+            "accelerate>=1.0",
+            "ruff>=0.6",
+        ],
     },
 )
