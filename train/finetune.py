@@ -12,6 +12,11 @@ OUT holds `best/` (the adapter with the lowest dev loss; the step-0 identity ada
 `last/` (the resume checkpoint, replaced atomically at every eval, at --stop-after and at the end),
 `metrics.jsonl`, `result.json` and, with --test, `test_predictions.jsonl`.
 
+Divergence stops a run: a non-finite train or dev loss, or a dev loss above the step-0 one for
+--diverge-patience evals in a row. best/ is kept (still tested), result.json says `"diverged": true` and why,
+stderr gets one line with a lower --lr to try; --resume only finishes it again. Exit codes: 0 done,
+2 bad input, 3 diverged (EXIT_DIVERGED), 4 finished without any dev improvement (EXIT_NO_IMPROVEMENT).
+
 Batches: --batch-size examples per micro-batch (global: split across ranks), --grad-accum micro-batches per
 optimizer step; the loss is the mean over the step's response tokens. --max-steps caps the run and sets
 the schedule's length; --stop-after N stops after step N as an interruption would, schedule unchanged,
@@ -41,9 +46,13 @@ from train import checkpoint
 from train.data import DataError, Dataset, collate, length_grouped_batches, load_dataset, read_jsonl
 from train.ddp import World, setup
 from train.evaluate import Metric, autocast, batch_loss, dev_loss, exact_match, generate
+from weights.tokenizer import _atomic_write as atomic_write  # the project's one atomic file writer
 
 METHODS = ("para", "lora", "ia3")
 DEFAULT_RANK = {"para": 12, "lora": 8}
+EXIT_BAD_INPUT = 2  # a bad flag, file or setting (argparse's own code)
+EXIT_DIVERGED = 3
+EXIT_NO_IMPROVEMENT = 4  # no step beat the untrained adapter's dev loss: best/ is that adapter
 
 
 class TrainError(ValueError):
@@ -73,6 +82,7 @@ class FinetuneConfig:
     max_steps: int | None = None
     eval_every: int = 200
     patience: int = 10
+    diverge_patience: int = 2  # evals in a row with dev loss above the step-0 one that count as divergence
     eval_batch_size: int | None = None  # default: batch_size
     max_len: int | None = None  # default: the model's max_seq_len
     max_new_tokens: int | None = None  # test generation; default: the longest test response (+ eos)
@@ -90,7 +100,8 @@ class FinetuneConfig:
             raise TrainError(f"--method {self.method!r} is unknown (choose one of {', '.join(METHODS)})")
         if self.method == "ia3" and self.r is not None:
             raise TrainError("--r does not apply to --method ia3 (it has no rank)")
-        positive = ("lr", "epochs", "batch_size", "grad_accum", "eval_every", "patience", "beams", "log_every")
+        positive = ("lr", "epochs", "batch_size", "grad_accum", "eval_every", "patience", "diverge_patience")
+        positive += ("beams", "log_every")
         optional = ("r", "max_steps", "eval_batch_size", "max_len", "max_new_tokens", "stop_after", "lora_alpha")
         for name in positive + optional:
             v = getattr(self, name)
@@ -126,6 +137,9 @@ class FinetuneResult:
     test_score: float | None = None
     n_test: int = 0
     world_size: int = 1  # processes that trained together
+    diverged: bool = False  # stopped by divergence (see diverge_reason)
+    diverge_reason: str | None = None  # e.g. "dev loss 17.4 > initial 6.46 for 2 evaluations"
+    improved: bool = False  # some step beat the step-0 dev loss (best_step > 0)
 
 
 @dataclass
@@ -136,6 +150,8 @@ class _State:
     best_step: int = -1
     bad_evals: int = 0
     stopped_early: bool = False
+    rising_evals: int = 0  # evals in a row with dev loss above the initial one
+    diverged: str | None = None  # why, once diverged
     train_seconds: float = 0.0
     train_tokens: int = 0
     window: list[float] = dataclasses.field(default_factory=list)  # step losses since the last train log
@@ -298,7 +314,9 @@ class _Run:
             opt.load_state_dict(saved["optimizer"])
             sched.load_state_dict(saved["scheduler"])
             st = _State(**saved["state"])
-            self.say(f"resuming {found} at step {st.step}/{total}")
+            # a diverged run (same lr and data: checked) would only diverge again: it is finished, not trained
+            note = f" (diverged: {st.diverged}; not training further)" if st.diverged else ""
+            self.say(f"resuming {found} at step {st.step}/{total}{note}")
         elif c.resume:
             self.say(f"--resume: nothing to resume in {self.out}; starting a new run")
         if world.is_main:
@@ -323,6 +341,13 @@ class _Run:
             else:
                 st.bad_evals += 1
                 st.stopped_early = st.bad_evals >= c.patience
+            if st.step > 0:
+                st.rising_evals = st.rising_evals + 1 if loss > st.initial_dev_loss else 0
+                if not math.isfinite(loss):
+                    st.diverged = f"dev loss {loss}"
+                elif st.rising_evals >= c.diverge_patience:
+                    st.diverged = (f"dev loss {loss:.4g} > initial {st.initial_dev_loss:.4g} "
+                                   f"for {st.rising_evals} evaluations")  # fmt: skip
             log(event="eval", step=st.step, dev_loss=loss, best=best)
             save_last()
 
@@ -331,7 +356,7 @@ class _Run:
             evaluate()
         interrupted = False
         bar = tqdm(total=total, initial=st.step, desc=c.method, disable=not (c.progress and world.is_main))
-        while st.step < total and not st.stopped_early:
+        while st.step < total and not st.stopped_early and not st.diverged:
             t0 = time.perf_counter()
             lr = sched.get_last_lr()[0]  # this step's
             loss, tokens = self._step(opt, params, st.step)
@@ -348,8 +373,14 @@ class _Run:
                 st.window = []
             if self.on_step is not None and world.is_main:
                 self.on_step(st.step, loss)
-            if st.step % c.eval_every == 0 or st.step == total:
+            if not math.isfinite(loss):  # the optimizer already took the step: no point evaluating it
+                st.diverged = f"train loss {loss}"
+                save_last()  # records the divergence, so --resume refuses it
+            elif st.step % c.eval_every == 0 or st.step == total:
                 evaluate()
+            if st.diverged:
+                log(event="diverged", step=st.step, reason=st.diverged)
+                break
             if c.stop_after is not None and st.step >= c.stop_after and st.step < total and not st.stopped_early:
                 if st.step % c.eval_every:
                     save_last()
@@ -362,15 +393,22 @@ class _Run:
             total_steps=total, initial_dev_loss=st.initial_dev_loss, best_dev_loss=st.best_dev_loss,
             best_step=st.best_step, stopped_early=st.stopped_early, interrupted=interrupted,
             train_seconds=st.train_seconds, tokens_per_second=st.train_tokens / max(st.train_seconds, 1e-9),
-            world_size=world.size,
+            world_size=world.size, diverged=st.diverged is not None, diverge_reason=st.diverged,
+            improved=st.best_step > 0,
         )  # fmt: skip
+        if st.diverged:
+            self.say(f"train.finetune: diverged at step {st.step} ({st.diverged}) with lr {c.lr:g}; "
+                     f"try --lr {c.lr / 3:.1g}")  # fmt: skip
+        elif not result.improved and not interrupted:
+            self.say(f"train.finetune: no improvement: no step beat the initial dev loss {st.initial_dev_loss:.4g} "
+                     "(best/ is the untrained adapter)")  # fmt: skip
         if self.test_set is not None and not interrupted:
             result.test_metric = getattr(self.metric, "__name__", "metric")
             result.test_score, result.n_test = self._test(), len(self.test_set)
             log(event="test", step=st.step, metric=result.test_metric, score=result.test_score, n=result.n_test)
             self.say(f"test {result.test_metric}: {result.test_score:.4f} on {result.n_test} examples")
-        if world.is_main:
-            (self.out / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
+        if world.is_main:  # atomic: a reader (train.suite) never sees half a result
+            atomic_write(self.out / "result.json", json.dumps(dataclasses.asdict(result), indent=2) + "\n")
         return result
 
     def _step(self, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], step: int) -> tuple[float, int]:
@@ -427,7 +465,7 @@ class _Run:
 # ---- command line -------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse prints the usage too)
-        self.exit(2, f"error: {message}\n")
+        self.exit(EXIT_BAD_INPUT, f"error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -455,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-steps", type=int, help="cap on optimizer steps (sets the schedule's length)")
     a("--eval-every", type=int, default=d.eval_every, help="optimizer steps between dev evaluations")
     a("--patience", type=int, default=d.patience, help="evals without dev improvement before stopping")
+    a("--diverge-patience", type=int, default=d.diverge_patience,
+      help="evals in a row with dev loss above the initial one before stopping as diverged (exit 3)")  # fmt: skip
     a("--eval-batch-size", type=int)
     a("--max-len", type=int, help="max tokens per example (default: the model's context); longer: response cut")
     a("--max-new-tokens", type=int, help="test generation budget (default: longest test response)")
@@ -480,10 +520,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # DataError, TrainError, CheckpointError, AdapterError are ValueErrors
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(dataclasses.asdict(result)))
-    return 0
+    if result.diverged:  # the one-line reason is already on stderr
+        return EXIT_DIVERGED
+    return EXIT_NO_IMPROVEMENT if not result.improved and not result.interrupted else 0
 
 
 if __name__ == "__main__":

@@ -31,11 +31,21 @@ def require(d: dict, key: str, where: str | Path):
     return d[key]
 
 
+def brief(e: BaseException, limit: int = 80) -> str:
+    """A library's error as a short phrase: its first line, clipped (some run to kilobytes)."""
+    lines = str(e).strip().splitlines()
+    line = lines[0] if lines else type(e).__name__
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read ({e})") from None
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError (a binary file)
+        raise CheckpointError(f"{path}: cannot read ({brief(e)})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def load_tokenizer(load: Callable[[], object], where: str | Path | None = None) -> object:

@@ -15,7 +15,7 @@ import torch
 
 from kernels.reference import rope_frequencies
 from model.args import ModelArgs
-from weights.common import Checkpoint, CheckpointError, load_tokenizer, require
+from weights.common import Checkpoint, CheckpointError, brief, load_tokenizer, require
 
 _LAYER_NAMES = {
     "attn_q": "attention.wq",
@@ -41,14 +41,16 @@ def _open(path: Path):
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises assorted ValueError/IndexError/struct errors on damage
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable GGUF file ({msg})") from None
+        raise CheckpointError(f"{path}: not a readable GGUF file ({brief(e)})") from None
 
 
 def read_gguf_metadata(path: str | Path, reader: Any = None) -> dict[str, Any]:
     """All key/value fields as plain Python values (str, int, float, bool, lists of them)."""
     reader = reader or _open(Path(path))
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    try:
+        return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    except Exception as e:  # a field whose type and data disagree
+        raise CheckpointError(f"{path}: unreadable GGUF metadata ({brief(e)})") from None
 
 
 def _rope_scaling(freq_factors: np.ndarray, head_dim: int, theta: float, path: Path) -> float:
@@ -85,19 +87,20 @@ def load_gguf(path: str | Path) -> Checkpoint:
             data = gguf.quants.dequantize(t.data, t.tensor_type)
             arr = np.array(data, dtype=np.float32, copy=True).reshape(tuple(reversed(t.shape.tolist())))
         except Exception as e:
-            raise CheckpointError(f"{path}: tensor {t.name} ({t.tensor_type.name}) cannot be read: {e}") from None
+            what = f"tensor {t.name} ({t.tensor_type.name})"
+            raise CheckpointError(f"{path}: {what} cannot be read: {brief(e)}") from None
         if t.name == "rope_freqs.weight":
             rope_freqs = arr
             continue
         tensors[t.name] = torch.from_numpy(arr)
 
-    n_heads = int(field("attention.head_count"))
-    dim = int(field("embedding_length"))
-    head_dim = int(meta.get("llama.rope.dimension_count", dim // n_heads))
-    theta = float(field("rope.freq_base", 10000.0))
-    scale_factor = _rope_scaling(rope_freqs, head_dim, theta, path) if rope_freqs is not None else None
-    vocab = meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
-    try:
+    try:  # metadata of the wrong type, or a rope_freqs tensor of the wrong size, is a bad file too
+        n_heads = int(field("attention.head_count"))
+        dim = int(field("embedding_length"))
+        head_dim = int(meta.get("llama.rope.dimension_count", dim // n_heads))
+        theta = float(field("rope.freq_base", 10000.0))
+        scale_factor = _rope_scaling(rope_freqs, head_dim, theta, path) if rope_freqs is not None else None
+        vocab = meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
         args = ModelArgs(
             dim=dim,
             n_layers=int(field("block_count")),
@@ -113,10 +116,12 @@ def load_gguf(path: str | Path) -> Checkpoint:
             max_seq_len=int(field("context_length", 2048)),
             tie_embeddings="output.weight" not in tensors,
         )
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: {e}") from None
+    except CheckpointError:
+        raise
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing tensor {e.args[0]}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{path}: {brief(e)}") from None
 
     sd = {}
     for name, t in tensors.items():

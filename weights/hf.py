@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from model.args import ModelArgs
-from weights.common import Checkpoint, CheckpointError, load_tokenizer, read_json, require
+from weights.common import Checkpoint, CheckpointError, brief, load_tokenizer, read_json, require
 
 _LAYER_NAMES = {
     "self_attn.q_proj": "attention.wq",
@@ -47,6 +47,8 @@ def args_from_config(cfg: dict, path: Path) -> ModelArgs:
         raise CheckpointError(f"{path}: model_type '{model_type}' is not supported (only 'llama')")
     # transformers ≥5 nests rope settings under rope_parameters; older configs use rope_scaling.
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{path}: rope_parameters / rope_scaling must be an object, got {type(rope).__name__}")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
         raise CheckpointError(f"{path}: rope type '{rope_type}' is not supported (default, llama3)")
@@ -79,10 +81,12 @@ def _safetensors_files(d: Path) -> list[Path]:
     index = d / "model.safetensors.index.json"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: malformed index ({e})") from None
-        files = [d / f for f in dict.fromkeys(weight_map.values())]
+            names = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # ValueError: bad JSON or bytes
+            raise CheckpointError(f"{index}: malformed index ({type(e).__name__}: {brief(e)})") from None
+        if not names or not all(isinstance(f, str) for f in names):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
+        files = [d / f for f in names]
         for f in files:
             if not f.exists():
                 raise CheckpointError(f"{index}: lists {f.name}, which is missing")
@@ -100,8 +104,8 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
             with safe_open(f, framework="pt") as st:
                 for k in st.keys():
                     out[k] = st.get_tensor(k)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+        except (SafetensorError, OSError, TypeError) as e:  # TypeError: a dtype torch lacks
+            raise CheckpointError(f"{f}: not a readable safetensors file ({brief(e)})") from None
     return out
 
 
