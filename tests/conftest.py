@@ -68,3 +68,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """pytest-randomly's seed, also under -q (which hides the header): rerun an order with --randomly-seed=N."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if seed is not None and getattr(config.option, "randomly_reorganize", True):
+        terminalreporter.write_line(f"test order: random, --randomly-seed={seed}")
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch(request):
+    """Each test starts from the same torch RNG state whatever ran before it (pytest-randomly reseeds
+    `random` and numpy alike): with its seed when it is on, so `--randomly-seed=N` repeats a failure."""
+    torch.manual_seed(getattr(request.config.option, "randomly_seed", None) or 0)

@@ -16,6 +16,7 @@ from model import Llama, ModelArgs
 from model.llama import AdapterStep, scale_columns
 from model.peft import IA3Config, PARAConfig, create_adapter
 from tests.helpers import random_meta_state_dict
+from tests.tolerance import MODEL_PATH, PATH, assert_close
 
 TRITON = pytest.param(
     "triton",
@@ -60,7 +61,7 @@ def test_no_cache_forward_matches_with_para(backend):
     want = ref(tokens, adapter=adapter, prompt_lens=lens)
     got = tri(tokens, adapter=adapter, prompt_lens=lens)
     print(f"no-cache max |Δ logits| = {(got - want).abs().max():.3g}")
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_close(got, want, MODEL_PATH)
     assert (want - ref(tokens)).abs().max() > 1e-2  # the adapter matters
 
 
@@ -100,7 +101,7 @@ def test_cached_prefill_and_decode_match_with_adapters(backend):
             )
         out[name] = logits
     for want, got in zip(out["torch"], out[backend]):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert_close(got, want, MODEL_PATH)
 
 
 @BACKENDS
@@ -148,11 +149,11 @@ def test_blas_linear_is_used_for_inference_and_matches_the_twin(monkeypatch):
     for x in (torch.randn(1, 100, generator=g), torch.randn(3, 100, generator=g), torch.randn(2, 5, 100, generator=g)):
         with torch.no_grad():
             assert cpu._blas_ok(x, w)
-            torch.testing.assert_close(cpu.blas_linear(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+            assert_close(cpu.blas_linear(x, w), torch.nn.functional.linear(x, w), PATH)
     x3 = torch.randn(3, 100, generator=g)
     monkeypatch.setattr(cpu, "GEMV_CHUNK_BYTES", 8 * 100 * 4)  # weight rows in chunks of 8: 8, 8, 8, 8, 5
     with torch.no_grad():
-        torch.testing.assert_close(cpu.blas_linear(x3, w), torch.nn.functional.linear(x3, w), rtol=1e-5, atol=1e-5)
+        assert_close(cpu.blas_linear(x3, w), torch.nn.functional.linear(x3, w), PATH)
     wg = w.clone().requires_grad_()
     assert not cpu._blas_ok(x, wg)  # autograd needs the twin
     assert not cpu._blas_ok(x.double(), w.double())
@@ -168,9 +169,9 @@ def test_cpu_small_ops_match_the_twins():
 
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(3, 5, 100, generator=g), torch.randn(100, generator=g)
-    torch.testing.assert_close(cpu.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5), rtol=1e-6, atol=1e-6)
+    assert_close(cpu.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5), PATH)
     for row in (x[0, :1], x[1, 2], x[None, 2, 4:5]):  # one row (a decode step's): the numpy form
-        torch.testing.assert_close(cpu.rms_norm(row, w, 1e-5), reference.rms_norm(row, w, 1e-5), rtol=1e-6, atol=1e-6)
+        assert_close(cpu.rms_norm(row, w, 1e-5), reference.rms_norm(row, w, 1e-5), PATH)
     xb = x.bfloat16()  # not an exact dtype for the rewrite: the twin runs
     assert torch.equal(cpu.rms_norm(xb, w.bfloat16(), 1e-5), reference.rms_norm(xb, w.bfloat16(), 1e-5))
     table = reference.rope_table(reference.rope_frequencies(18, 10000.0), 40)  # (40, 9, 2)
@@ -178,10 +179,10 @@ def test_cpu_small_ops_match_the_twins():
     qk = qkv[:, : 8 * 18].unflatten(-1, (8, 18))  # a strided view, as the model passes it
     pos = torch.tensor([0, 3, 39, 5, 6, 7, 1])
     got = cpu.rope(qk, table[pos])
-    torch.testing.assert_close(got, reference.rope(qk, table[pos]), rtol=1e-6, atol=1e-6)
+    assert_close(got, reference.rope(qk, table[pos]), PATH)
     assert not torch.equal(got, qk)  # it rotated
     xt = torch.randn(2, 6, 4, 18, generator=g)  # (B, T, H, hd) with a (T, hd/2, 2) table
-    torch.testing.assert_close(cpu.rope(xt, table[:6]), reference.rope(xt, table[:6]), rtol=1e-6, atol=1e-6)
+    assert_close(cpu.rope(xt, table[:6]), reference.rope(xt, table[:6]), PATH)
 
 
 def test_cpu_write_kv_matches_the_twin():
@@ -220,11 +221,11 @@ def test_cpu_gated_up_one_gemm_over_stacked_weights(rows):
         (torch.rand(3, 37, generator=g), r2s),
     ):
         want = reference.gated_up(x, wg, wu, scale, rs)
-        torch.testing.assert_close(cpu.gated_up(x, wg, wu, scale, rs), want, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(cpu.gated_up(x, wg.clone(), wu.clone(), scale, rs), want, rtol=1e-5, atol=1e-5)
+        assert_close(cpu.gated_up(x, wg, wu, scale, rs), want, PATH)
+        assert_close(cpu.gated_up(x, wg.clone(), wu.clone(), scale, rs), want, PATH)
     x3 = torch.randn(2, rows, 50, generator=g)  # (B, T, K) with a (B, N) per-sequence scale
     s3 = torch.rand(2, 37, generator=g)
-    torch.testing.assert_close(cpu.gated_up(x3, wg, wu, s3), reference.gated_up(x3, wg, wu, s3), rtol=1e-5, atol=1e-5)
+    assert_close(cpu.gated_up(x3, wg, wu, s3), reference.gated_up(x3, wg, wu, s3), PATH)
     assert torch.equal(w13, torch.cat([wg, wu]))  # the weights were not touched
 
 
@@ -269,11 +270,11 @@ def test_cpu_paged_attention_matches_the_twin(lens):
     seq_lens = torch.tensor(lens)
     decode = (seq_lens, seq_lens - 1, torch.arange(S), torch.zeros(S, dtype=torch.long), 1)
     got, want = both(torch.randn(S, H, hd, generator=g), *decode)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_close(got, want, PATH)
     if S == 1:  # consecutive blocks (how a fresh pool serves a lone sequence): attended in place
         tables, contiguous = torch.arange(2, 2 + width)[None], (2, lens[0])
         got, want = both(torch.randn(S, H, hd, generator=g), *decode)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert_close(got, want, PATH)
     # a prefill step: every sequence's whole prompt at once
     counts = torch.tensor(lens)
     row_to_seq = torch.repeat_interleave(torch.arange(S), counts)
@@ -281,7 +282,7 @@ def test_cpu_paged_attention_matches_the_twin(lens):
     q = torch.randn(len(row_to_seq), H, hd, generator=g)
     assert cpu._whole_prompts_in_order(row_index, row_to_seq, row_index, seq_lens)
     got, want = both(q, seq_lens, row_index, row_to_seq, row_index, max(lens))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_close(got, want, PATH)
     if S > 1:  # sequence 0 decodes its newest token while the others prefill: not whole prompts
         keep = row_index >= 0
         keep[: lens[0] - 1] = False
@@ -290,4 +291,4 @@ def test_cpu_paged_attention_matches_the_twin(lens):
         r_idx = torch.where(row_to_seq == 0, 0, row_index)[keep]
         assert not cpu._whole_prompts_in_order(pos[keep], row_to_seq[keep], r_idx, seq_lens)
         got, want = both(q[keep], seq_lens, pos[keep], row_to_seq[keep], r_idx, max(lens))
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert_close(got, want, PATH)

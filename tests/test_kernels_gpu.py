@@ -2,8 +2,8 @@
 
 Run on a GPU machine with `python -m pytest -q -m gpu tests/test_kernels_gpu.py` (tests/conftest.py skips
 them without CUDA). The twin runs in fp32 on the same (rounded) inputs and is rounded to the test dtype,
-so the tolerance measures the kernel alone: fp16 1e-3, bf16 1.6e-2 (vLLM's), fp32 1e-5 — relative, with
-atol scaled by the reference's magnitude. Every autotune config is checked, not only the one the tuner picks.
+so the tolerance measures the kernel alone: tests/tolerance.py's LOW[dtype] for fp16 / bf16 and KERNEL
+for fp32, relative to the reference's magnitude. Every autotune config is checked, not only the one the tuner picks.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from kernels import gated_up, linear_scale, paged_attention, rope  # noqa: E402
 from kernels import reference as ref  # noqa: E402
 from kernels.rms_norm import fused_rms_norm  # noqa: E402
+from tests.tolerance import KERNEL, LOW, assert_close  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,7 +30,6 @@ pytestmark = [
     ),
 ]
 
-TOL = {torch.float16: 1e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 DIM, FFN, N_HEADS, HD = 4096, 11008, 32, 128  # LLaMA-2-7B
 
@@ -44,11 +44,9 @@ def no_tf32():
 
 def close(out: torch.Tensor, want32: torch.Tensor, dtype: torch.dtype) -> None:
     """out (dtype) vs the fp32 twin rounded to dtype."""
-    tol = TOL[dtype]
     want = want32.to(dtype)
-    assert out.dtype == dtype and out.shape == want.shape
-    atol = tol * max(1.0, float(want.float().abs().max()))
-    torch.testing.assert_close(out.float(), want.float(), rtol=tol, atol=atol)
+    assert out.dtype == dtype
+    assert_close(out.float(), want.float(), LOW.get(dtype, KERNEL))
 
 
 def rand(*shape, dtype, scale=1.0, g):

@@ -7,6 +7,7 @@ import torch
 
 from infer.cache import BlockTable, CacheFullError, PagedKVCache
 from model import Llama, ModelArgs
+from tests.tolerance import MODEL_PATH, assert_close
 
 
 def tiny(n_kv_heads: int, seed: int = 0) -> Llama:
@@ -33,14 +34,14 @@ def test_ragged_prefill_then_decode_matches_full_forward(n_kv_heads, block_size)
     tokens = torch.cat([s[:n] for s, n in zip(seqs, lens)])
     got = model.forward_step(tokens, step, cache.k, cache.v)
     ref = torch.cat([model(s[None, :n])[0] for s, n in zip(seqs, lens)])
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert_close(got, ref, MODEL_PATH)
     # decode: one row per sequence, lengths differ
     for t in range(6):
         step = cache.prepare_step(tables, [1] * len(seqs))
         tokens = torch.stack([s[n + t] for s, n in zip(seqs, lens)])
         got = model.forward_step(tokens, step, cache.k, cache.v)
         ref = torch.stack([model(s[None, : n + t + 1])[0, -1] for s, n in zip(seqs, lens)])
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        assert_close(got, ref, MODEL_PATH)
     for table in tables:
         cache.free(table)
     assert cache.allocator.num_free == cache.num_blocks
@@ -61,8 +62,8 @@ def test_fork_shares_blocks_and_copies_on_write():
     lb = model.forward_step(b, cache.prepare_step([child], [1]), cache.k, cache.v)
     assert cache.allocator.num_free == free_before - 1  # one copy of the shared partial block
     assert parent.blocks[0] == child.blocks[0] and parent.blocks[1] != child.blocks[1]
-    torch.testing.assert_close(la[0], model(torch.cat([prompt, a])[None])[0, -1], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(lb[0], model(torch.cat([prompt, b])[None])[0, -1], rtol=1e-4, atol=1e-4)
+    assert_close(la[0], model(torch.cat([prompt, a])[None])[0, -1], MODEL_PATH)
+    assert_close(lb[0], model(torch.cat([prompt, b])[None])[0, -1], MODEL_PATH)
     cache.free(parent)
     cache.free(child)
     assert cache.allocator.num_free == 8

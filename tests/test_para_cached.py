@@ -11,6 +11,7 @@ from infer.sampling import SamplingParams
 from model import Llama, ModelArgs
 from model.llama import AdapterStep
 from model.peft import IA3Config, LoRAConfig, PARAConfig, create_adapter
+from tests.tolerance import MODEL_PATH, assert_close
 
 
 def tiny() -> Llama:
@@ -56,7 +57,7 @@ def test_cached_para_equals_no_cache_forward_with_prefill_vectors():
     step.adapters = AdapterStep(pools, torch.tensor([s for s, n in zip(slots, prompt_lens) for _ in range(n)]), compute)
     got = model.forward_step(torch.cat([s[:n] for s, n in zip(seqs, prompt_lens)]), step, cache.k, cache.v)
     ref = torch.cat([model(s[None, :n], adapter=a)[0] for s, n, a in zip(seqs, prompt_lens, adapters)])
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert_close(got, ref, MODEL_PATH)
 
     for t in range(6):
         step = cache.prepare_step(tables, [1, 1, 1])
@@ -64,7 +65,7 @@ def test_cached_para_equals_no_cache_forward_with_prefill_vectors():
         got = model.forward_step(torch.stack([s[n + t] for s, n in zip(seqs, prompt_lens)]), step, cache.k, cache.v)
         for row, (s, n, a) in enumerate(zip(seqs, prompt_lens, adapters)):
             full = model(s[None, : n + t + 1], adapter=a, prompt_lens=torch.tensor([n]))[0, -1]
-            torch.testing.assert_close(got[row], full, rtol=1e-4, atol=1e-4)
+            assert_close(got[row], full, MODEL_PATH)
             if a is not None:  # pooling at the growing last token instead would differ
                 moved = model(s[None, : n + t + 1], adapter=a)[0, -1]
                 assert (moved - full).abs().max() > 1e-3
@@ -174,7 +175,7 @@ def test_mixed_methods_each_row_equals_its_solo_run():
             a = adapters.get(name)
             ref = model(torch.tensor([s]), adapter=a, prompt_lens=torch.tensor([len(prompts[j])]))[0]
             rows = got[first : first + n] if t == 0 else got[j : j + 1]
-            torch.testing.assert_close(rows, ref[-n:] if t == 0 else ref[-1:], rtol=1e-5, atol=1e-5)
+            assert_close(rows, ref[-n:] if t == 0 else ref[-1:], MODEL_PATH)
             if a is not None:  # every adapter really moves its rows
                 assert (ref - model(torch.tensor([s]))[0]).abs().max() > 1e-3, name
             first += n

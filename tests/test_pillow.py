@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from model import Llama
 from tests.helpers import WORDS, random_meta_state_dict, train_sentencepiece, write_meta_dir
+from tests.tolerance import MODEL_PATH, PATH, approx, assert_close
 from train import pillow
 from train.evaluate import exact_match
 from train.pillow import (
@@ -75,12 +76,12 @@ def test_sequential_probabilities_by_hand():
     rest = [e[0], e[1], e[3]]
     h2 = -sum(x / sum(rest) * math.log(x / sum(rest)) for x in rest)
     r = m.rollout(torch.zeros(1, 2), torch.zeros(4, 2), 2, actions=torch.tensor([[2, 0]]))
-    assert r.log_prob.item() == pytest.approx(math.log(p_first) + math.log(p_second), rel=1e-6)
-    assert r.entropy.item() == pytest.approx(h1 + h2, rel=1e-6)
+    assert r.log_prob.item() == approx(math.log(p_first) + math.log(p_second), PATH)
+    assert r.entropy.item() == approx(h1 + h2, PATH)
     # a banned exemplar is out of the softmax from the start: choose 1 with 2 banned → e^2 / (e^1 + e^2 + e^0.5)
     banned = torch.tensor([[False, False, True, False]])
     r = m.rollout(torch.zeros(1, 2), torch.zeros(4, 2), 1, banned=banned, actions=torch.tensor([[1]]))
-    assert r.log_prob.item() == pytest.approx(math.log(e[1] / (e[0] + e[1] + e[3])), rel=1e-6)
+    assert r.log_prob.item() == approx(math.log(e[1] / (e[0] + e[1] + e[3])), PATH)
     # greedy: argmax, then argmax of the rest
     assert m.rollout(torch.zeros(1, 2), torch.zeros(4, 2), 3, greedy=True).choices.tolist() == [[2, 1, 0]]
     # sampled first choices follow softmax(s): 4000 draws within 4 standard errors of each probability
@@ -101,14 +102,14 @@ def test_policy_gradient_sign_by_hand():
     rewards = (actions[:, 0] == 0).float()
     loss = reinforce_loss(roll, rewards, baseline=0.5, entropy_coef=0.0)
     loss.backward()
-    assert m.s.grad.tolist()[0] == pytest.approx([-0.25, 0.125, 0.125], abs=1e-6)
+    assert m.s.grad.tolist()[0] == approx([-0.25, 0.125, 0.125], PATH)
     p0_before = torch.softmax(m.s.detach()[0], -1)[0].item()
     with torch.no_grad():
         m.s -= 0.5 * m.s.grad  # one SGD step
     p0_after = torch.softmax(m.s.detach()[0], -1)[0].item()
     # by hand: scores [0.125, 0.4375, -0.5625]
     e = [math.exp(0.125), math.exp(0.4375), math.exp(-0.5625)]
-    assert p0_after == pytest.approx(e[0] / sum(e), rel=1e-6)
+    assert p0_after == approx(e[0] / sum(e), PATH)
     assert p0_after > p0_before
 
 
@@ -328,10 +329,10 @@ def test_embeddings_are_mean_final_hidden_states(tiny, tmp_path, monkeypatch):
         # the output projection is linear: mean over positions of the logits = (mean hidden) @ W_outᵀ
         with torch.no_grad():
             logits = tiny(torch.tensor([tiny.tokenizer.encode(t)]))[0]
-        torch.testing.assert_close(e @ tiny.output.weight.T.detach(), logits.mean(0), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(embed_texts(tiny, [t])[0], e, atol=1e-5, rtol=1e-5)  # no padding: same
+        assert_close(e @ tiny.output.weight.T.detach(), logits.mean(0), MODEL_PATH)
+        assert_close(embed_texts(tiny, [t])[0], e, MODEL_PATH)  # no padding: same
     first = cached_embeddings(tiny, texts, tmp_path, kind="pool")
-    torch.testing.assert_close(first, emb, atol=1e-5, rtol=1e-5)
+    assert_close(first, emb, MODEL_PATH)
     files = list(tmp_path.glob("pool-*.safetensors"))
     assert len(files) == 1 and not list(tmp_path.glob(".*tmp*"))
     fp_sha = pillow.fingerprint_sha(tiny)[:16]
@@ -346,7 +347,7 @@ def test_embeddings_are_mean_final_hidden_states(tiny, tmp_path, monkeypatch):
         cached_embeddings(tiny, texts[:2], tmp_path, kind="pool")
     monkeypatch.undo()
     files[0].write_bytes(b"torn")  # a torn file is recomputed and replaced
-    torch.testing.assert_close(cached_embeddings(tiny, texts, tmp_path, kind="pool"), emb, atol=1e-5, rtol=1e-5)
+    assert_close(cached_embeddings(tiny, texts, tmp_path, kind="pool"), emb, MODEL_PATH)
     assert load_file(files[0])["embeddings"].shape == (3, 64)
 
 
@@ -369,7 +370,7 @@ def test_matcher_files(tiny, tmp_path):
     assert torch.equal(
         loaded.rollout(q, pool_emb, 2, greedy=True).choices, m.rollout(q, pool_emb, 2, greedy=True).choices
     )
-    torch.testing.assert_close(loaded.center, pool_emb.mean(0))
+    assert_close(loaded.center, pool_emb.mean(0), PATH)
     other = Llama.from_pretrained(tiny_dir_at(tmp_path / "other", seed=1))
     with pytest.raises(PillowError, match="trained on another base model .*weights_sha256"):
         load_matcher(target, other)

@@ -17,10 +17,19 @@ import torch
 from model import Llama
 from model.peft import LoRAConfig, PARAConfig, create_adapter, load_adapter
 from tests.helpers import WORDS, random_meta_state_dict, train_sentencepiece, write_meta_dir
+from tests.tolerance import MODEL_PATH, approx
 from train import checkpoint
 from train.data import IGNORE, DataError, Example, collate, length_grouped_batches, load_dataset, read_jsonl
 from train.evaluate import batch_loss, exact_match
-from train.finetune import FinetuneConfig, TrainError, finetune, linear_schedule, main
+from train.finetune import (
+    EXIT_DIVERGED,
+    EXIT_NO_IMPROVEMENT,
+    FinetuneConfig,
+    TrainError,
+    finetune,
+    linear_schedule,
+    main,
+)
 
 TINY_PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32, "max_seq_len": 64}
 
@@ -186,9 +195,9 @@ def test_loss_scores_only_response_tokens(tiny, toy):
     total = sum(manual_loss(tiny, adapter, e)[0] for e in examples)
     ex = examples[0]
     with torch.no_grad():
-        assert float(batch_loss(tiny, adapter, collate(examples[:1]))) == pytest.approx(one_total, rel=1e-5)
+        assert float(batch_loss(tiny, adapter, collate(examples[:1]))) == approx(one_total, MODEL_PATH)
         assert collate(examples[:1]).n_targets == one_n
-        assert float(batch_loss(tiny, adapter, collate(examples))) == pytest.approx(total, rel=1e-5)
+        assert float(batch_loss(tiny, adapter, collate(examples))) == approx(total, MODEL_PATH)
         # scoring the prompt too would give another number: the mask is doing something
         logits = tiny(torch.tensor([ex.ids]), adapter=adapter, prompt_lens=torch.tensor([ex.prompt_len]))[0]
     everything = float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ex.ids[1:]), reduction="sum"))
@@ -255,7 +264,7 @@ def test_first_step_loss_is_the_train_set_mean(tiny, toy, tmp_path):
     result = finetune(cfg, model=tiny, on_step=lambda step, loss: losses.append(loss))
     assert result.total_steps == 1 and len(losses) == 1
     examples = load_dataset(toy["train"], tiny.tokenizer, chat=False, max_len=64).examples
-    assert losses[0] == pytest.approx(manual_mean_loss(tiny, None, examples), rel=1e-5)  # a fresh LoRA is the base
+    assert losses[0] == approx(manual_mean_loss(tiny, None, examples), MODEL_PATH)  # a fresh LoRA is the base
 
 
 @pytest.mark.parametrize("method, lr", [("para", 3e-2), ("lora", 3e-2), ("ia3", 1e-1)])
@@ -263,15 +272,18 @@ def test_tiny_run_lowers_dev_loss(method, lr, tiny, toy, tmp_path):
     out = tmp_path / method
     result = finetune(config(toy, out, method=method, lr=lr, max_steps=30), model=tiny)
     dev = load_dataset(toy["dev"], tiny.tokenizer, chat=False, max_len=64).examples
-    assert result.initial_dev_loss == pytest.approx(manual_mean_loss(tiny, None, dev), rel=1e-5)
+    assert result.initial_dev_loss == approx(manual_mean_loss(tiny, None, dev), MODEL_PATH)
     best = load_adapter(out / "best", tiny)
-    assert result.best_dev_loss == pytest.approx(manual_mean_loss(tiny, best, dev), rel=1e-5)
+    assert result.best_dev_loss == approx(manual_mean_loss(tiny, best, dev), MODEL_PATH)
     assert result.best_dev_loss < 0.95 * result.initial_dev_loss, result
     evals = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in evals if e["event"] == "eval"]
     assert [e["step"] for e in evals] == [0, 10, 20, 30]
     assert min(e["dev_loss"] for e in evals) == result.best_dev_loss
-    assert json.loads((out / "result.json").read_text())["best_dev_loss"] == result.best_dev_loss
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["best_dev_loss"] == result.best_dev_loss
+    assert not result.diverged and result.diverge_reason is None and result.improved  # a sane lr: no alarm
+    assert saved["diverged"] is False and saved["improved"] is True
 
 
 def test_early_stopping_keeps_the_best(tiny, toy, tmp_path):
@@ -289,7 +301,7 @@ def test_early_stopping_keeps_the_best(tiny, toy, tmp_path):
     assert result.stopped_early and stop == result.steps == evals[-1]["step"] < result.total_steps
     assert result.best_dev_loss == best and result.best_step == min(evals, key=lambda e: e["dev_loss"])["step"]
     dev = load_dataset(toy["dev"], tiny.tokenizer, chat=False, max_len=64).examples
-    assert manual_mean_loss(tiny, load_adapter(out / "best", tiny), dev) == pytest.approx(best, rel=1e-5)
+    assert manual_mean_loss(tiny, load_adapter(out / "best", tiny), dev) == approx(best, MODEL_PATH)
 
 
 def _strip_timing(path: Path) -> list[dict]:
@@ -391,10 +403,11 @@ def test_cli_trains_and_writes_its_outputs(tiny_dir, toy, tmp_path, capsys):
     out = tmp_path / "o"
     argv = ["--model", str(tiny_dir), "--method", "ia3", "--train", str(toy["train"]), "--dev", str(toy["dev"])]
     argv += ["--test", str(toy["test"]), "--out", str(out), "--max-steps", "3", "--batch-size", "8", "--no-progress"]
-    code, stdout, err = run_cli(argv, capsys)
+    code, stdout, err = run_cli(argv + ["--lr", "0.03"], capsys)  # an lr that surely improves: else exit 4
     assert code == 0, err
     result = json.loads(stdout)
     assert result["method"] == "ia3" and result["steps"] == 3 and result["test_metric"] == "exact_match"
+    assert result["improved"] is True and result["diverged"] is False
     assert sorted(p.name for p in out.iterdir()) == [
         "best", "last", "metrics.jsonl", "result.json", "test_predictions.jsonl"
     ]  # fmt: skip
@@ -451,8 +464,83 @@ def test_cli_skip_bad_reports_each_skipped_line(tiny_dir, toy, tmp_path, capsys)
     rows = [json.loads(s) for s in toy["train"].read_text().splitlines()]
     train = write_jsonl(tmp_path / "t.jsonl", rows[:3] + ["{oops", {"prompt": "x", "response": 5}] + rows[3:])
     argv = ["--model", str(tiny_dir), "--train", str(train), "--dev", str(toy["dev"]), "--out", str(tmp_path / "o")]
-    code, _, err = run_cli(argv + ["--skip-bad", "--max-steps", "1", "--no-progress"], capsys)
+    code, _, err = run_cli(argv + ["--skip-bad", "--max-steps", "1", "--lr", "0.03", "--no-progress"], capsys)
     assert code == 0, err
     assert f"skipped {train}:4: not valid JSON" in err
     assert f'skipped {train}:5: field "response" must be a string, got int' in err
     assert math.isfinite(json.loads((tmp_path / "o" / "result.json").read_text())["best_dev_loss"])
+
+
+# ---- runs that fail loudly -------------------------------------------------------------------------------
+def divergence_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("train.finetune: ")]
+
+
+def test_divergence_dev_loss_above_initial(tiny, tiny_dir, toy, tmp_path, capsys):
+    """LoRA at lr 1 (10^4 x the default) with dev responses drawn from words the train responses never use:
+    dev loss stays above its step-0 value, so after --diverge-patience (2) evals the run stops, keeps best/
+    (the step-0 adapter), says why on one stderr line and exits 3; --resume (same lr) trains no further."""
+    rng, rows = random.Random(5), toy_rows(16, 2)
+    for r in rows:
+        r["response"] = " ".join(rng.choice(WORDS[60:80]) for _ in range(3))
+    dev = write_jsonl(tmp_path / "dev.jsonl", rows)
+    out = tmp_path / "o"
+    argv = ["--model", str(tiny_dir), "--method", "lora", "--train", str(toy["train"]), "--dev", str(dev)]
+    argv += ["--out", str(out), "--lr", "1", "--max-steps", "30", "--eval-every", "5", "--batch-size", "8"]
+    code, stdout, err = run_cli(argv + ["--no-progress"], capsys)
+    assert code == EXIT_DIVERGED == 3, err
+    result = json.loads((out / "result.json").read_text())
+    assert json.loads(stdout) == result
+    evals = [e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 5, 10] and all(e["dev_loss"] > evals[0]["dev_loss"] for e in evals[1:])
+    reason = f"dev loss {evals[-1]['dev_loss']:.4g} > initial {evals[0]['dev_loss']:.4g} for 2 evaluations"
+    assert result["diverged"] is True and result["diverge_reason"] == reason
+    assert result["steps"] == 10 < result["total_steps"] and result["best_step"] == 0 and result["improved"] is False
+    assert divergence_lines(err) == [f"train.finetune: diverged at step 10 ({reason}) with lr 1; try --lr 0.3"]
+    examples = load_dataset(dev, tiny.tokenizer, chat=False, max_len=64).examples
+    best = load_adapter(out / "best", tiny)
+    assert manual_mean_loss(tiny, best, examples) == approx(result["initial_dev_loss"], MODEL_PATH)
+
+    log = (out / "metrics.jsonl").read_text()
+    code, stdout, err = run_cli(argv + ["--no-progress", "--resume"], capsys)  # same lr: it would diverge again
+    assert code == EXIT_DIVERGED and divergence_lines(err) == [f"train.finetune: diverged at step 10 ({reason}) "
+                                                                "with lr 1; try --lr 0.3"]  # fmt: skip
+    assert (out / "metrics.jsonl").read_text() == log and json.loads(stdout)["steps"] == 10
+
+
+def test_divergence_non_finite_train_loss(tiny, toy, tmp_path, capsys):
+    """PARA at lr 1e20: its scales overflow float32 and the second step's loss is NaN. From Python the run
+    returns (no exception) with diverged set; best/ (step 0) is still scored on the test set."""
+    out = tmp_path / "o"
+    cfg = config(toy, out, method="para", lr=1e20, max_steps=30, test=str(toy["test"]))
+    result = finetune(cfg, model=tiny)
+    assert result.diverged and result.diverge_reason == "train loss nan" and result.steps == 2
+    assert not result.improved and result.best_step == 0 and math.isfinite(result.best_dev_loss)
+    assert json.loads((out / "result.json").read_text()) == json.loads(json.dumps(vars(result)))
+    lines = divergence_lines(capsys.readouterr().err)
+    assert lines == ["train.finetune: diverged at step 2 (train loss nan) with lr 1e+20; try --lr 3e+19"]
+    best = load_adapter(out / "best", tiny).state_dict()
+    assert all(torch.isfinite(t).all() for t in best.values())
+    assert result.n_test == 6 and result.test_score is not None
+    log = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in log[-2:]] == ["diverged", "test"]
+    assert log[-2] == {"event": "diverged", "step": 2, "reason": "train loss nan"}
+
+
+def test_run_without_improvement_says_so(tiny_dir, toy, tmp_path, capsys):
+    """lr 1e-10 moves (IA)^3's scales (exactly 1) by less than float32 resolves: every dev loss equals the
+    step-0 one, so best_step stays 0: one stderr line, "improved": false, exit 4 (not a divergence)."""
+    out = tmp_path / "o"
+    argv = ["--model", str(tiny_dir), "--method", "ia3", "--train", str(toy["train"]), "--dev", str(toy["dev"])]
+    argv += ["--out", str(out), "--lr", "1e-10", "--max-steps", "4", "--eval-every", "2", "--no-progress"]
+    code, stdout, err = run_cli(argv, capsys)
+    assert code == EXIT_NO_IMPROVEMENT == 4, err
+    result = json.loads((out / "result.json").read_text())
+    assert result["improved"] is False and result["best_step"] == 0 and result["steps"] == 4
+    assert result["diverged"] is False and result["diverge_reason"] is None
+    evals = [e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 2, 4] and len({e["dev_loss"] for e in evals}) == 1
+    assert divergence_lines(err) == [
+        f"train.finetune: no improvement: no step beat the initial dev loss {evals[0]['dev_loss']:.4g} "
+        "(best/ is the untrained adapter)"
+    ]

@@ -8,11 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
+from model import Llama
+from model.peft import load_adapter
+from tests import tolerance
 from tests.test_train import make_tiny_dir, write_toy
+from train.data import load_dataset
+from train.ddp import World
+from train.evaluate import dev_loss
 from train.finetune import FinetuneConfig, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,14 +61,26 @@ def test_two_gloo_processes_equal_one(tmp_path):
     for ra, rb in zip(a, b):
         for key in ("train_loss", "dev_loss", "lr", "score"):
             if key in ra:
-                assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra, rb)
-    assert ddp["best_dev_loss"] == pytest.approx(one.best_dev_loss, rel=1e-5)
+                assert ra[key] == tolerance.approx(rb[key], tolerance.TRAINED), (ra, rb)
+    assert ddp["best_dev_loss"] == tolerance.approx(one.best_dev_loss, tolerance.TRAINED)
     assert ddp["best_dev_loss"] < 0.97 * ddp["initial_dev_loss"]  # it trained
+    # The files, compared by what they do: Adam's first steps move a weight whose gradient is ~0 by +-lr on
+    # the sign of rounding noise, so single weights of the two runs may differ (by up to 2.5e-3 of max|w| in
+    # tests/measure_tolerance.py) while the models they make agree to TRAINED's bound.
     for sub in ("best", "last"):
-        ta = load_file(tmp_path / "ddp" / sub / "adapter_model.safetensors")
-        tb = load_file(tmp_path / "one" / sub / "adapter_model.safetensors")
-        assert ta.keys() == tb.keys()
-        for k in ta:
-            torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=1e-5)
+        ta, tb = (load_file(tmp_path / r / sub / "adapter_model.safetensors") for r in ("ddp", "one"))
+        assert {k: t.shape for k, t in ta.items()} == {k: t.shape for k, t in tb.items()}
+        la, lb = file_dev_losses(tmp_path / "ddp" / sub, tmp_path / "one" / sub, model_dir=tiny, dev=toy["dev"])
+        assert la == tolerance.approx(lb, tolerance.TRAINED), sub
+        logged = ddp["best_dev_loss"] if sub == "best" else [r for r in a if r["event"] == "eval"][-1]["dev_loss"]
+        assert la == tolerance.approx(logged, tolerance.TRAINED), sub  # the file is the state that was scored
     preds = [(tmp_path / r / "test_predictions.jsonl").read_text() for r in ("ddp", "one")]
     assert preds[0] == preds[1]  # the ranks' halves of the test set, gathered in order
+
+
+def file_dev_losses(*adapters: Path, model_dir: Path, dev: Path) -> list[float]:
+    """Each adapter directory's mean dev loss on the model in `model_dir` (one process)."""
+    model = Llama.from_pretrained(model_dir)
+    data = load_dataset(dev, model.tokenizer, chat=False, max_len=model.args.max_seq_len)
+    with torch.no_grad():
+        return [dev_loss(model, load_adapter(a, model), data, 16, World()) for a in adapters]
