@@ -29,24 +29,40 @@ import json
 import math
 import platform
 import re
-import resource
 import shutil
-import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+# the repo root ahead of bench/ (a script's own folder): `bench.*` imports as a package, and `kernels` is the
+# kernels/ package, not bench/kernels.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.measure import (  # noqa: E402
+    bandwidth_buffer_bytes,
+    bandwidth_summary,
+    l3_bytes,
+    measure_bandwidth,
+    weight_bytes,
+)
+from bench.parallama_rows import (  # noqa: E402
+    METHODS,
+    CompiledStep,
+    ParallamaCase,
+    kv_memory_ragged,
+    run_interleaved,
+    tenant_adapters,
+)
+from bench.peers import bench_hf, load_hf_peer, peft_model  # noqa: E402
+from bench.report import add_roof, find, format_summary, format_table, plot, summarize  # noqa: E402
 from infer.engine import Engine  # noqa: E402
 from infer.sampling import SamplingParams  # noqa: E402
 from model import Llama  # noqa: E402
-from model.peft import Adapter, IA3Config, LoRAConfig, PARAConfig, create_adapter  # noqa: E402
 
 TEXT = (
     "The history of science is the study of the development of science and scientific knowledge, including both "
@@ -54,24 +70,7 @@ TEXT = (
     "the natural world, produced by scientists who emphasize the observation, explanation, and prediction of "
     "real-world phenomena. "
 )
-METHODS = ("base", "para", "ia3", "lora")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# The JSON schema other tools read: every row carries these keys with these types (extra keys are allowed).
-ROW_SCHEMA: dict[str, type] = {
-    "engine": str,
-    "method": str,
-    "beams": int,
-    "batch": int,
-    "tenants": int,
-    "prompt_len": int,
-    "new_tokens": int,
-    "tps": float,
-    "decode_tps": float,
-    "prefill_tps": float,
-    "peak_mem_mib": float,
-    "kv_bytes": int,
-}
-MPL_MISSING = "matplotlib is not installed; skipping --plot"
 
 _T0 = time.perf_counter()
 
@@ -86,653 +85,6 @@ def make_prompt(tokenizer: Any, n: int) -> list[int]:
     while len(ids) < n:
         ids += tokenizer.encode(TEXT, bos=False)
     return ids[:n]
-
-
-# ---- measurement ------------------------------------------------------------------------------------
-
-
-def sync(device: torch.device | str) -> None:
-    """Wait for queued GPU work, so a wall-clock reading covers it (a no-op on CPU)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], Any], runs: int, device: torch.device | str = "cpu") -> float:
-    """Median wall time of `runs` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(runs):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-class PeakMemory:
-    """Peak memory growth over a `with` block, in MiB (`.mib` after the block).
-
-    CUDA: torch.cuda.max_memory_allocated above what was allocated at entry (the peak stats are reset
-    there), so the weights of models already loaded do not count. CPU: the process's RSS high-water mark
-    above its RSS at entry; Linux resets the mark through /proc/self/clear_refs, so each block reads its
-    own peak. Where that is impossible it falls back to the growth of ru_maxrss (0 when an earlier, larger
-    peak hides this one).
-    """
-
-    def __init__(self, device: torch.device | str) -> None:
-        self.cuda = torch.device(device).type == "cuda"
-        self.mib = 0.0
-
-    def __enter__(self) -> PeakMemory:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        self.hwm = False
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak RSS to the current RSS
-            self.hwm = _proc_status_kib("VmHWM") is not None
-        except OSError:
-            pass
-        self.base = _proc_status_kib("VmRSS") if self.hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.mib = (torch.cuda.max_memory_allocated() - self.base) / 2**20
-            return
-        peak = _proc_status_kib("VmHWM") if self.hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        self.mib = max(0, (peak or 0) - (self.base or 0)) / 1024  # both in KiB on Linux
-
-
-def l3_bytes() -> int | None:
-    """The CPU's last-level cache size from sysfs, or None where it is not exposed."""
-    for idx in (3, 2):
-        p = Path(f"/sys/devices/system/cpu/cpu0/cache/index{idx}/size")
-        try:
-            text = p.read_text().strip()
-        except OSError:
-            continue
-        m = re.fullmatch(r"(\d+)([KMG]?)", text)
-        if m:
-            return int(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)]
-    return None
-
-
-def bandwidth_buffer_bytes(weight_bytes: int, l3: int | None) -> int:
-    """At least 512 MiB, 8× the last-level cache and the model's weights: a read that cannot hit in cache,
-    as large as what a decode step streams."""
-    return max(512 * 2**20, 8 * (l3 or 0), weight_bytes)
-
-
-def measure_bandwidth(device: torch.device | str, nbytes: int, reads: int = 5) -> list[float]:
-    """Samples of the device's memory bandwidth in GB/s, one per pass over an nbytes buffer.
-
-    CPU: streaming read bandwidth; each sample is the better of a torch sum and a BLAS GEMV (numpy
-    `A @ v`, the call the cpu backend's decode GEMVs make) over the buffer: bytes read / time.
-    CUDA: a device-to-device `copy_`, counted as bytes read + bytes written / time (what HBM moves,
-    the figure a copy benchmark reports).
-    """
-    n = nbytes // 4
-    if torch.device(device).type == "cuda":
-        src = torch.ones(n, device=device)
-        dst = torch.empty_like(src)
-        dst.copy_(src)  # warm-up
-        out = []
-        for _ in range(reads):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            out.append(2 * n * 4 / (start.elapsed_time(end) / 1e3) / 1e9)
-        del src, dst
-        return out
-    buf = torch.ones(n // 1024, 1024)
-    a, v = buf.numpy(), torch.ones(1024).numpy()
-    buf.sum()
-    _ = a @ v  # warm-up: pages are touched by ones(), this warms the code paths
-    out = []
-    for _ in range(reads):
-        best = math.inf
-        for f in (buf.sum, lambda: a @ v):
-            t = time.perf_counter()
-            f()
-            best = min(best, time.perf_counter() - t)
-        out.append(n * 4 / best / 1e9)
-    return out
-
-
-def bandwidth_summary(before: Sequence[float], after: Sequence[float]) -> dict[str, Any]:
-    """Both sets of samples and their spread. "max" is the roof every row is compared with: the best rate
-    the machine showed in this run (others share the machine, so a slower sample is contention, not
-    the hardware); "median" shows how steady it was."""
-    samples = [*before, *after]
-    return {
-        "before": [round(x, 2) for x in before],
-        "after": [round(x, 2) for x in after],
-        "median": statistics.median(samples),
-        "max": max(samples),
-        "min": min(samples),
-        "used": "max",
-    }
-
-
-def weight_bytes(model: Llama) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() dedups tied weights
-
-
-def kv_bytes_per_token(model: Llama) -> int:
-    """K and V of every layer for one token, in the cache's dtype (the weights')."""
-    return 2 * model.args.n_layers * model.args.kv_dim * model.tok_embeddings.weight.element_size()
-
-
-def bytes_per_decode_step(model: Llama, context: int, rows: int) -> int:
-    """What one decode step must read at least: every weight once (tied embeddings once) plus each row's K/V."""
-    return weight_bytes(model) + rows * kv_bytes_per_token(model) * context
-
-
-# ---- rows -----------------------------------------------------------------------------------------------
-
-
-def row(
-    engine: str,
-    method: str,
-    *,
-    beams: int,
-    batch: int,
-    prompt_len: int,
-    new_tokens: int,
-    t_total: float,
-    t_prefill: float,
-    kv_bytes: int,
-    peak_mem_mib: float,
-    tenants: int = 1,
-    requests: int | None = None,
-    mode: str = "batched",
-    decode_tps: float | None = None,
-    prefill_tps: float | None = None,
-) -> dict[str, Any]:
-    """One result row in the JSON schema (ROW_SCHEMA keys first).
-
-    `requests` requests (default: batch) of new_tokens each took t_total, of which t_prefill was the
-    prefill; decode/prefill tok/s default to what those two times imply (measured figures override them).
-    mode: "batched" (the requests ran together) or "sequential" (one after another, batch 1 each).
-    """
-    n = batch if requests is None else requests
-    return {
-        "engine": engine,
-        "method": method,
-        "beams": int(beams),
-        "batch": int(batch),
-        "tenants": int(tenants),
-        "prompt_len": int(prompt_len),
-        "new_tokens": int(new_tokens),
-        "tps": float(n * new_tokens / t_total),
-        "decode_tps": float(
-            decode_tps if decode_tps is not None else n * (new_tokens - 1) / max(t_total - t_prefill, 1e-9)
-        ),
-        "prefill_tps": float(prefill_tps if prefill_tps is not None else n * prompt_len / t_prefill),
-        "peak_mem_mib": float(peak_mem_mib),
-        "kv_bytes": int(kv_bytes),
-        "requests": int(n),
-        "mode": mode,
-    }
-
-
-def add_roof(rows: Iterable[dict[str, Any]], bandwidth_gbs: float) -> None:
-    """roof_frac = the decode bytes/s a row achieved over the measured bandwidth (where decode_gbs is known)."""
-    for r in rows:
-        if "decode_gbs" in r and bandwidth_gbs > 0:
-            r["roof_frac"] = r["decode_gbs"] / bandwidth_gbs
-
-
-def find(rows: Sequence[dict[str, Any]], **keys: Any) -> dict[str, Any] | None:
-    """The first row whose fields equal `keys`; tenants=1 and mode="batched" unless given."""
-    want = {"tenants": 1, "mode": "batched", **keys}
-    return next((r for r in rows if all(r.get(k) == v for k, v in want.items())), None)
-
-
-def _target(
-    name: str, num: dict | None, den: dict | None, key: str, goal: float | None, at_most: bool = False
-) -> dict[str, Any] | None:
-    """num[key] / den[key] against the goal. Rows timed in the same interleaved rounds (both carry
-    `runs_{key}` of one length) give the median of the per-round ratios instead ("paired"): each round's
-    two runs were back to back, so the machine's drift between rounds cancels."""
-    if num is None or den is None or not den[key]:
-        return None
-    a, b = num.get(f"runs_{key}"), den.get(f"runs_{key}")
-    paired = bool(a and b and len(a) == len(b) and all(b))
-    ratio = statistics.median(x / y for x, y in zip(a, b)) if paired else num[key] / den[key]
-    met = None if goal is None else (ratio <= goal if at_most else ratio >= goal)
-    return {"target": name, "ratio": ratio, "goal": goal, "at_most": at_most, "met": met, "paired": paired}
-
-
-def summarize(
-    rows: Sequence[dict[str, Any]], kv: dict[str, Any] | None = None, tenants: int = 0
-) -> list[dict[str, Any]]:
-    """The issue's targets as measured ratios, each {"target", "ratio", "goal", "at_most", "met"}; only
-    targets whose rows were run appear. goal None marks an informational ratio (met None)."""
-    out: list[dict[str, Any] | None] = []
-    beams_seen = sorted({r["beams"] for r in rows})
-    batches = sorted({r["batch"] for r in rows})
-    for b in beams_seen:
-        p = find(rows, engine="parallama", method="base", beams=b, batch=1)
-        t = find(rows, engine="transformers", method="base", beams=b, batch=1)
-        out.append(_target(f"decode tok/s vs transformers (beams {b})", p, t, "decode_tps", 2.5))
-        out.append(_target(f"prefill tok/s vs transformers (beams {b})", p, t, "prefill_tps", 1.5))
-        out.append(_target(f"tok/s vs transformers (beams {b})", p, t, "tps", None))
-        if b == 1 and p is not None and "roof_frac" in p:
-            rf = p["roof_frac"]
-            out.append({"target": "decode bandwidth / measured roof (beams 1, batch 1)", "ratio": rf,
-                        "goal": 0.6, "at_most": False, "met": rf >= 0.6})  # fmt: skip
-        for n in batches:
-            where = f"beams {b}, batch {n}"
-            base, para = (find(rows, engine="parallama", method=m, beams=b, batch=n) for m in ("base", "para"))
-            lora, ia3 = (find(rows, engine="parallama", method=m, beams=b, batch=n) for m in ("lora", "ia3"))
-            out.append(_target(f"PARA / base tok/s ({where})", para, base, "tps", 0.98))
-            out.append(_target(f"PARA / LoRA-unmerged tok/s ({where})", para, lora, "tps", 1.25))
-            for m, mine in (("lora", lora), ("ia3", ia3)):
-                theirs = find(rows, engine="peft", method=m, beams=b, batch=n)
-                out.append(_target(f"parallama / peft {m} tok/s ({where})", mine, theirs, "tps", None))
-    if tenants > 1:
-        for b in beams_seen:
-            where = f"{tenants} tenants, beams {b}"
-            mixed = find(rows, engine="parallama", method="para", beams=b, batch=tenants, tenants=tenants)
-            one = find(rows, engine="parallama", method="para", beams=b, batch=tenants)
-            seq = find(rows, engine="parallama", method="para", beams=b, tenants=tenants, mode="sequential")
-            peft_mixed = find(rows, engine="peft", method="lora", beams=b, batch=tenants, tenants=tenants)
-            hf_base = find(rows, engine="transformers", method="base", beams=b, batch=tenants)
-            out.append(_target(f"{where}: {tenants} PARA adapters / one adapter tok/s", mixed, one, "tps", 0.95))
-            out.append(_target(f"{where}: parallama mixed PARA / peft mixed LoRA tok/s", mixed, peft_mixed, "tps", 3))
-            out.append(_target(f"{where}: peft mixed LoRA / its base batch tok/s", peft_mixed, hf_base, "tps", None))
-            out.append(_target(f"{where}: one batch / {tenants} sequential runs tok/s", mixed, seq, "tps", None))
-    if kv:
-        out.append({"target": "paged KV bytes / bytes the tokens need (ragged batch)",
-                    "ratio": kv["paged_bytes"] / kv["needed_bytes"], "goal": 1.05, "at_most": True,
-                    "met": kv["paged_bytes"] <= 1.05 * kv["needed_bytes"]})  # fmt: skip
-    return [t for t in out if t is not None]
-
-
-def format_summary(targets: Sequence[dict[str, Any]]) -> str:
-    lines = ["| target | measured | goal | |", "|---|---|---|---|"]
-    for t in targets:
-        goal = "-" if t["goal"] is None else f"{'≤' if t['at_most'] else '≥'} {t['goal']:g}"
-        met = "-" if t["met"] is None else "met" if t["met"] else "not met"
-        how = " (median of per-round ratios)" if t.get("paired") else ""
-        lines.append(f"| {t['target']} | {t['ratio']:.3f}{how} | {goal} | {met} |")
-    return "\n".join(lines)
-
-
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = [
-        "| engine | method | beams | batch | tenants | mode | tok/s | decode tok/s | prefill tok/s | peak MiB "
-        "| KV MiB | decode vs base | of roof |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        base_engine = "transformers" if r["engine"] == "peft" else r["engine"]
-        b = find(rows, engine=base_engine, method="base", beams=r["beams"], batch=r["batch"])
-        rel = f"{r['decode_tps'] / b['decode_tps']:.3f}x" if b and b["decode_tps"] and r["mode"] == "batched" else "-"
-        roof = f"{r['roof_frac']:.0%}" if "roof_frac" in r else "-"
-        lines.append(
-            f"| {r['engine']} | {r['method']} | {r['beams']} | {r['batch']} | {r['tenants']} | {r['mode']} "
-            f"| {r['tps']:.1f} | {r['decode_tps']:.1f} | {r['prefill_tps']:.0f} | {r['peak_mem_mib']:.0f} "
-            f"| {r['kv_bytes'] / 2**20:.1f} | {rel} | {roof} |"
-        )
-    return "\n".join(lines)
-
-
-def plot(rows: Sequence[dict[str, Any]], path: Path) -> bool:
-    """A bar chart of tok/s and decode tok/s per row; matplotlib is optional (imported only here)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(MPL_MISSING)
-        return False
-    labels = [
-        f"{r['engine']} {r['method']}\nbeams {r['beams']} batch {r['batch']}"
-        + (f"\n{r['tenants']} tenants" if r["tenants"] > 1 else "")
-        + (" seq" if r["mode"] == "sequential" else "")
-        for r in rows
-    ]
-    x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)), 4.5))
-    ax.bar([i - 0.2 for i in x], [r["tps"] for r in rows], 0.4, label="tok/s (incl. prefill)")
-    ax.bar([i + 0.2 for i in x], [r["decode_tps"] for r in rows], 0.4, label="decode tok/s")
-    ax.set_xticks(list(x), labels, rotation=40, ha="right", fontsize=7)
-    ax.set_ylabel("tokens / s")
-    ax.set_title(f"decode benchmark: prompt {rows[0]['prompt_len']}, {rows[0]['new_tokens']} new")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-# ---- parallama ---------------------------------------------------------------------------------------------
-
-
-def request_adapters(method: str, batch: int, tenants: int = 1) -> list[str | None]:
-    """The adapter each request of a batch names: "mixed" cycles base / PARA / (IA)³ / LoRA, base is
-    none, and `tenants` > 1 spreads the batch over the adapters f"{method}{i}" (i < tenants)."""
-    if method == "mixed":
-        return [None if (m := METHODS[i % len(METHODS)]) == "base" else m for i in range(batch)]
-    if method == "base":
-        return [None] * batch
-    if tenants > 1:
-        return [f"{method}{i % tenants}" for i in range(batch)]
-    return [method] * batch
-
-
-def tenant_adapters(model: Llama, n: int, seed: int = 0) -> dict[str, Adapter]:
-    """n PARA adapters that really differ: seeded random W_down and W_up (a fresh one has W_up = 0, the
-    identity for every prompt), small enough that the model still writes text."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for i in range(n):
-        a = create_adapter(model, PARAConfig())
-        with torch.no_grad():
-            for layer in a.layers:  # both from g (W_down's init draws from the global RNG): reproducible
-                for w in (layer["para"].down.weight, layer["para"].up.weight):
-                    w.copy_(torch.randn(w.shape, generator=g) * 0.02)
-        out[f"para{i}"] = a
-    return out
-
-
-class ParallamaCase:
-    """One parallama row's set-up: `batch` requests (adapters per `assign`, default `request_adapters`)
-    through an engine of their own, in one batch or, with `sequential`, one after another.
-
-    Construction builds the engine and makes one warm-up run inside `PeakMemory` (the KV pool is
-    allocated there, so it counts). `run()` times one more run; `row()` gives the median of the runs.
-    Cases that are compared with each other are run interleaved (`run_interleaved`), so a machine
-    whose speed drifts during the benchmark (a shared VM) shifts every case alike.
-    """
-
-    def __init__(
-        self,
-        model: Llama,
-        ids: list[int],
-        new: int,
-        beams: int,
-        method: str = "base",
-        batch: int = 1,
-        *,
-        adapters: dict[str, Adapter] | None = None,
-        assign: list[str | None] | None = None,
-        tenants: int = 1,
-        sequential: bool = False,
-    ) -> None:
-        self.model, self.ids, self.new, self.beams, self.method, self.batch = model, ids, new, beams, method, batch
-        self.sequential = sequential
-        self.device = model.tok_embeddings.weight.device
-        self.results: list[tuple[float, float, float]] = []
-        with PeakMemory(self.device) as mem:
-            per_seq = math.ceil((len(ids) + new) / 16) + 2
-            self.live = 1 if sequential else batch
-            self.engine = Engine(model, num_blocks=per_seq * self.live * beams, max_batch=max(32, self.live * beams))
-            registry = adapters or {}
-            if not registry:
-                cfgs = {"para": PARAConfig(), "ia3": IA3Config(), "lora": LoRAConfig()}
-                registry = {k: create_adapter(model, c) for k, c in cfgs.items()}
-            for name, a in registry.items():
-                self.engine.add_adapter(name, a)
-            names = assign if assign is not None else request_adapters(method, batch, tenants)
-            self.tenants = len(set(names)) if method == "mixed" else tenants  # base rows share a mixed batch too
-            self.groups = [[a] for a in names] if sequential else [names]
-            self.params = SamplingParams(max_new_tokens=new, beams=beams, ignore_eos=True)
-            self._run()  # warm-up
-        self.peak_mem_mib = mem.mib
-
-    def _run(self) -> tuple[float, float, float]:
-        """(wall time, first steps = prefill + one decode, decode tok/s of the later steps) of all requests."""
-        wall = first = decode_time = 0.0
-        decoded = 0
-        for group in self.groups:
-            reqs = [self.engine.add_request(self.ids, self.params, adapter=a) for a in group]
-            sync(self.device)
-            t0 = time.perf_counter()
-            self.engine.step()
-            sync(self.device)
-            t1 = time.perf_counter()
-            steps = 0
-            while self.engine.has_unfinished():
-                self.engine.step()
-                steps += 1
-            sync(self.device)
-            t2 = time.perf_counter()
-            assert all(len(r.output_ids) == self.new for r in reqs) or self.beams > 1
-            wall, first, decode_time = wall + t2 - t0, first + t1 - t0, decode_time + t2 - t1
-            decoded += len(group) * steps
-        return wall, first, decoded / max(decode_time, 1e-9)
-
-    def run(self) -> None:
-        self.results.append(self._run())
-
-    def row(self) -> dict[str, Any]:
-        t_total, t_first, decode_tps = (statistics.median(r[i] for r in self.results) for i in range(3))
-        model, ids, batch = self.model, self.ids, self.batch
-        out = row(
-            "parallama", self.method, beams=self.beams, batch=1 if self.sequential else batch, prompt_len=len(ids),
-            new_tokens=self.new, t_total=t_total, t_prefill=t_first, tenants=self.tenants, requests=batch,
-            mode="sequential" if self.sequential else "batched",
-            # steps after the first are pure decode (one token per sequence), measured directly
-            decode_tps=decode_tps,
-            prefill_tps=batch * len(ids) / t_first,  # a lower bound: the first step also decodes once
-            kv_bytes=self.engine.peak_blocks_used * self.engine.cache.block_size * kv_bytes_per_token(model),
-            peak_mem_mib=self.peak_mem_mib,
-        )  # fmt: skip
-        # per run, in round order: run_interleaved's cases share rounds, so their ratios can be paired
-        out["runs_tps"] = [batch * self.new / r[0] for r in self.results]
-        out["runs_decode_tps"] = [r[2] for r in self.results]
-        step_bytes = bytes_per_decode_step(model, len(ids) + self.new // 2, self.live * self.beams)  # mid-generation
-        out["decode_gbs"] = step_bytes * decode_tps / self.live / 1e9  # a step gives each live request one token
-        return out
-
-
-def run_interleaved(cases: Sequence[ParallamaCase], runs: int) -> list[dict[str, Any]]:
-    """`runs` rounds, each timing every case once (the order rotated each round, so no case always runs
-    first), then each case's row (medians over its runs; its per-run figures kept for paired ratios)."""
-    for i in range(runs):
-        for case in [*cases[i % len(cases) :], *cases[: i % len(cases)]]:
-            case.run()
-    return [case.row() for case in cases]
-
-
-def bench_parallama(
-    model: Llama, ids: list[int], new: int, beams: int, runs: int, method: str = "base", batch: int = 1, **kw: Any
-) -> dict[str, Any]:
-    """One parallama row on its own (keywords as `ParallamaCase`)."""
-    return run_interleaved([ParallamaCase(model, ids, new, beams, method, batch, **kw)], runs)[0]
-
-
-class CompiledStep:
-    """model.forward_step through torch.compile; the first failure (no compiler, an unsupported op)
-    prints one line and every later step runs eagerly, so --compile never ends the benchmark."""
-
-    def __init__(self, model: Llama) -> None:
-        self.eager = model.forward_step
-        self.compiled = torch.compile(self.eager, dynamic=True)
-        self.error: str | None = None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.error is None:
-            try:
-                return self.compiled(*args, **kwargs)
-            except Exception as e:  # a compile error surfaces at the first call, not at torch.compile
-                self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-                print(f"--compile failed ({self.error}); running eager", file=sys.stderr, flush=True)
-        return self.eager(*args, **kwargs)
-
-
-# ---- peers: transformers and peft ---------------------------------------------------------------------------
-
-
-def load_hf_peer(source: str, dtype: torch.dtype, device: str) -> tuple[Any, str]:
-    """(transformers model on the same weights, "") or (None, why it is skipped): the peer runs on the
-    default GGUF (transformers' own GGUF loader) or an HF directory, nothing else."""
-    try:
-        import transformers
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        return None, "transformers is not installed; peers skipped"
-    transformers.utils.logging.disable_progress_bar()
-    if source == "default":
-        from weights.default import default_gguf_path
-
-        gguf = default_gguf_path()
-        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
-    elif Path(source).is_dir() and (Path(source) / "config.json").exists():
-        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    else:
-        return None, f"transformers peers skipped: they run on the default model or an HF directory, not {source}"
-    return hf.to(device).eval(), ""
-
-
-def hf_kv_bytes_per_token(hf: Any) -> int:
-    cfg = hf.config
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * hd * next(hf.parameters()).element_size()
-
-
-class StepClock:
-    """A logits processor that changes nothing and notes when each step's logits arrive: the first call
-    follows the prefill forward, each later one a decode forward (plus that step's sampling and cache
-    update), so decode tok/s = requests × (calls − 1) / (last − first), as parallama counts its steps."""
-
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.device = device
-        self.times: list[float] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        sync(self.device)
-        self.times.append(time.perf_counter())
-        return scores
-
-    def decode_tps(self, requests: int) -> float:
-        if len(self.times) < 2:
-            return 0.0
-        return requests * (len(self.times) - 1) / max(self.times[-1] - self.times[0], 1e-9)
-
-
-def bench_hf(
-    hf: Any,
-    ids: list[int],
-    new: int,
-    beams: int,
-    runs: int,
-    *,
-    batch: int = 1,
-    engine: str = "transformers",
-    method: str = "base",
-    tenants: int = 1,
-    weights: int = 0,
-    generate_kwargs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """A transformers / peft row: greedy `generate` of `batch` copies of the prompt. The prefill is the time
-    of a 1-token generate; decode tok/s comes from the step times inside the full generate (`StepClock`), not
-    from subtracting the two timings, which goes negative when the machine is shared. `weights`: the bytes
-    a decode step reads (for decode_gbs; 0 = skip)."""
-    from transformers import LogitsProcessorList
-
-    device = next(hf.parameters()).device
-    x = torch.tensor([ids] * batch, device=device)
-    mask = torch.ones_like(x)
-    eos = getattr(hf.generation_config, "eos_token_id", None)
-    pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
-
-    def run(n: int, clock: StepClock | None = None) -> None:
-        extra = {"logits_processor": LogitsProcessorList([clock])} if clock else {}
-        with torch.no_grad():
-            hf.generate(
-                x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=beams,
-                pad_token_id=pad, **extra, **(generate_kwargs or {}),
-            )  # fmt: skip
-
-    with PeakMemory(device) as mem:
-        t_prefill = timed(lambda: run(1), runs, device)
-        run(new)  # warm-up
-        full = []
-        for _ in range(runs):
-            clock = StepClock(device)
-            sync(device)
-            t0 = time.perf_counter()
-            run(new, clock)
-            sync(device)
-            full.append((time.perf_counter() - t0, clock.decode_tps(batch)))
-    t_total, decode_tps = (statistics.median(r[i] for r in full) for i in range(2))
-    per_token = hf_kv_bytes_per_token(hf)
-    out = row(
-        engine, method, beams=beams, batch=batch, tenants=tenants, prompt_len=len(ids), new_tokens=new,
-        t_total=t_total, t_prefill=t_prefill, kv_bytes=per_token * (len(ids) + new) * beams * batch,
-        peak_mem_mib=mem.mib, decode_tps=decode_tps,
-    )  # fmt: skip
-    if weights:  # as parallama's: weights + every beam's K/V mid-generation, per step; a step = batch tokens
-        step_bytes = weights + batch * beams * per_token * (len(ids) + new // 2)
-        out["decode_gbs"] = step_bytes * out["decode_tps"] / batch / 1e9
-    return out
-
-
-def peft_model(hf: Any, method: str, n: int = 1, seed: int = 0) -> Any:
-    """hf wrapped in peft (in place; `.unload()` gives the plain model back): LoRA r=8 on q/v, or (IA)³
-    with peft's llama defaults (k/v/down). n > 1 LoRA adapters "t0".."t{n-1}" get seeded random B, so each
-    tenant really differs (B = 0, peft's init, is the same no-op update for all)."""
-    from peft import IA3Config as PeftIA3
-    from peft import LoraConfig, get_peft_model
-
-    def cfg() -> Any:
-        if method == "lora":
-            return LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-        return PeftIA3(task_type="CAUSAL_LM")
-
-    pm = get_peft_model(hf, cfg(), adapter_name="t0" if n > 1 else "default")
-    for i in range(1, n):
-        pm.add_adapter(f"t{i}", cfg())
-    if n > 1:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for m in pm.modules():
-                for lin in getattr(m, "lora_B", {}).values():
-                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.01)
-    return pm.eval()
-
-
-# ---- paged KV memory -----------------------------------------------------------------------------------------
-
-
-def kv_memory_ragged(model: Llama, lens: list[int], new: int, block_size: int = 16) -> dict[str, Any]:
-    """Peak paged KV bytes for a ragged batch vs the bytes its tokens need and a contiguous cache."""
-    engine = Engine(model, num_blocks=512, block_size=block_size)
-    g = torch.Generator().manual_seed(0)
-    prompts = [
-        torch.randint(
-            min(100, model.args.vocab_size // 2), min(40000, model.args.vocab_size), (n,), generator=g
-        ).tolist()
-        for n in lens
-    ]
-    engine.generate(prompts, SamplingParams(max_new_tokens=new, ignore_eos=True))
-    per_token = kv_bytes_per_token(model)
-    needed = sum(n + new for n in lens) * per_token
-    paged = engine.peak_blocks_used * block_size * per_token
-    padded = len(lens) * (max(lens) + new) * per_token
-    full = len(lens) * model.args.max_seq_len * per_token
-    return {"lens": lens, "new_tokens": new, "needed_bytes": needed, "paged_bytes": paged,
-            "contiguous_batch_max_bytes": padded, "contiguous_max_seq_len_bytes": full}  # fmt: skip
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
@@ -825,8 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def add(r: dict[str, Any]) -> None:
         rows.append(r)
-        log(f"  -> {r['tps']:.1f} tok/s, decode {r['decode_tps']:.1f}, prefill {r['prefill_tps']:.0f}, "
-            f"peak +{r['peak_mem_mib']:.0f} MiB")  # fmt: skip
+        log(
+            f"  -> {r['tps']:.1f} tok/s, decode {r['decode_tps']:.1f}, prefill {r['prefill_tps']:.0f}, "
+            f"peak +{r['peak_mem_mib']:.0f} MiB"
+        )
 
     for beams in a.beams:
         for batch in a.batch:
@@ -838,14 +192,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.tenants:
             n = a.tenants
             regs = tenant_adapters(model, n)
-            log(f"parallama tenants: {n} PARA adapters in one batch, one adapter in the same batch, "
-                f"{n} sequential runs; beams={beams} ({a.runs} interleaved runs)")  # fmt: skip
+            log(
+                f"parallama tenants: {n} PARA adapters in one batch, one adapter in the same batch, "
+                f"{n} sequential runs; beams={beams} ({a.runs} interleaved runs)"
+            )
             cases = [
-                ParallamaCase(model, ids, a.new_tokens, beams, "para", n, adapters=regs, assign=assign, tenants=t,
-                              sequential=seq)
-                for assign, t, seq in (([f"para{i}" for i in range(n)], n, False), (["para0"] * n, 1, False),
-                                       ([f"para{i}" for i in range(n)], n, True))
-            ]  # fmt: skip
+                ParallamaCase(
+                    model, ids, a.new_tokens, beams, "para", n, adapters=regs, assign=assign, tenants=t, sequential=seq
+                )
+                for assign, t, seq in (
+                    ([f"para{i}" for i in range(n)], n, False),
+                    (["para0"] * n, 1, False),
+                    ([f"para{i}" for i in range(n)], n, True),
+                )
+            ]
             for r in run_interleaved(cases, a.runs):
                 add(r)
 
@@ -868,8 +228,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if method in a.methods and have_peft:
                         log(f"peft {method} beams={beams} batch={batch} ({a.runs} runs)")
                         pm = peft_model(hf, method)
-                        add(bench_hf(pm, ids, a.new_tokens, beams, a.runs, batch=batch, engine="peft",
-                                     method=method, weights=weights))  # fmt: skip
+                        add(
+                            bench_hf(
+                                pm,
+                                ids,
+                                a.new_tokens,
+                                beams,
+                                a.runs,
+                                batch=batch,
+                                engine="peft",
+                                method=method,
+                                weights=weights,
+                            )
+                        )
                         hf = pm.unload()  # the plain model again, for the next peer
             if a.tenants:
                 n = a.tenants
@@ -880,8 +251,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     log(f"peft tenants: {n} LoRA adapters, one mixed batch (adapter_names) beams={beams}")
                     pm = peft_model(hf, "lora", n)
                     kw = {"adapter_names": [f"t{i}" for i in range(n)]}
-                    add(bench_hf(pm, ids, a.new_tokens, beams, a.runs, batch=n, engine="peft", method="lora",
-                                 tenants=n, weights=weights, generate_kwargs=kw))  # fmt: skip
+                    add(
+                        bench_hf(
+                            pm,
+                            ids,
+                            a.new_tokens,
+                            beams,
+                            a.runs,
+                            batch=n,
+                            engine="peft",
+                            method="lora",
+                            tenants=n,
+                            weights=weights,
+                            generate_kwargs=kw,
+                        )
+                    )
                     hf = pm.unload()
         del hf
 
@@ -895,16 +279,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if step is not None:
         machine["compile"] = "eager fallback: " + step.error if step.error else "torch.compile (inductor)"
 
-    print(f"\n{a.model} {a.dtype} {a.device}, backend {model.ops.backend}, prompt {a.prompt_len}, "
-          f"{a.new_tokens} new, median of {a.runs}{', compiled' if step and not step.error else ''}\n")  # fmt: skip
+    print(
+        f"\n{a.model} {a.dtype} {a.device}, backend {model.ops.backend}, prompt {a.prompt_len}, "
+        f"{a.new_tokens} new, median of {a.runs}{', compiled' if step and not step.error else ''}\n"
+    )
     print(format_table(rows))
     for beams in a.beams:
         p = find(rows, engine="parallama", method="base", beams=beams, batch=1)
         t = find(rows, engine="transformers", method="base", beams=beams, batch=1)
         if p and t:
             ratios = {k: p[k] / t[k] for k in ("tps", "decode_tps", "prefill_tps")}
-            print(f"\nbeams={beams}: parallama/transformers tok/s {ratios['tps']:.2f}x, "
-                  f"decode {ratios['decode_tps']:.2f}x, prefill {ratios['prefill_tps']:.2f}x")  # fmt: skip
+            print(
+                f"\nbeams={beams}: parallama/transformers tok/s {ratios['tps']:.2f}x, "
+                f"decode {ratios['decode_tps']:.2f}x, prefill {ratios['prefill_tps']:.2f}x"
+            )
     kind = "copy (read + write)" if a.device == "cuda" else "read"
     print(
         f"\nmeasured {kind} bandwidth {bandwidth:.1f} GB/s (max of {len(bw_before) + len(bw_after)} samples; "
@@ -913,18 +301,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{bandwidth * 1e9 / weights:.0f} tok/s ('of roof': decode bytes/s over the bandwidth)"
     )
     mib = 1 / 2**20
-    print(f"\nKV for ragged batch {kv['lens']} + {kv['new_tokens']} new: needed {kv['needed_bytes'] * mib:.1f} MiB, "
-          f"paged peak {kv['paged_bytes'] * mib:.1f} MiB ({kv['paged_bytes'] / kv['needed_bytes']:.3f}x), "
-          f"contiguous padded-to-longest {kv['contiguous_batch_max_bytes'] * mib:.1f} MiB, "
-          f"contiguous max_seq_len {kv['contiguous_max_seq_len_bytes'] * mib:.0f} MiB")  # fmt: skip
+    print(
+        f"\nKV for ragged batch {kv['lens']} + {kv['new_tokens']} new: needed {kv['needed_bytes'] * mib:.1f} MiB, "
+        f"paged peak {kv['paged_bytes'] * mib:.1f} MiB ({kv['paged_bytes'] / kv['needed_bytes']:.3f}x), "
+        f"contiguous padded-to-longest {kv['contiguous_batch_max_bytes'] * mib:.1f} MiB, "
+        f"contiguous max_seq_len {kv['contiguous_max_seq_len_bytes'] * mib:.0f} MiB"
+    )
     targets = summarize(rows, kv, a.tenants)
     print("\nTargets (ratios measured in this run; '-' = reported, no goal):\n")
     print(format_summary(targets))
     if a.json:
-        a.json.write_text(json.dumps({
-            "machine": machine, "bandwidth_gbs": bandwidth, "bandwidth": bw, "rows": rows, "kv_ragged": kv,
-            "targets": targets, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-        }, indent=1))  # fmt: skip
+        a.json.write_text(
+            json.dumps(
+                {
+                    "machine": machine,
+                    "bandwidth_gbs": bandwidth,
+                    "bandwidth": bw,
+                    "rows": rows,
+                    "kv_ragged": kv,
+                    "targets": targets,
+                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+                },
+                indent=1,
+            )
+        )
         log(f"wrote {a.json}")
     if a.plot and plot(rows, a.plot):
         log(f"wrote {a.plot}")

@@ -116,13 +116,22 @@ def bench(models: Sequence[str], rows: Sequence[int], dtype: torch.dtype, contex
                 diff = (kernel().float() - twin().float()).abs().max().item()
                 t_kernel = do_bench(kernel, return_mode="median")  # ms
                 t_twin = do_bench(twin, return_mode="median")
-                results.append({
-                    "model": model, "kernel": name, "rows": m, "dtype": str(dtype).removeprefix("torch."),
-                    "context": context if name == "paged_attention_decode" else None,
-                    "kernel_ms": t_kernel, "twin_ms": t_twin, "speedup": t_twin / t_kernel,
-                    "bytes": moved, "kernel_gbs": moved / t_kernel / 1e6, "twin_gbs": moved / t_twin / 1e6,
-                    "max_abs_diff": diff,
-                })  # fmt: skip
+                results.append(
+                    {
+                        "model": model,
+                        "kernel": name,
+                        "rows": m,
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "context": context if name == "paged_attention_decode" else None,
+                        "kernel_ms": t_kernel,
+                        "twin_ms": t_twin,
+                        "speedup": t_twin / t_kernel,
+                        "bytes": moved,
+                        "kernel_gbs": moved / t_kernel / 1e6,
+                        "twin_gbs": moved / t_twin / 1e6,
+                        "max_abs_diff": diff,
+                    }
+                )
     return results
 
 
@@ -171,8 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False  # the kernels' fp32 dots are IEEE: compare like with like
     results = bench(a.models, a.rows, DTYPES[a.dtype], a.context)
     peak = copy_bandwidth_gbs()
-    print(f"\n{torch.cuda.get_device_name()}, {a.dtype}, triton {triton.__version__}, torch {torch.__version__}; "
-          f"device copy bandwidth {peak:.0f} GB/s (read + written)\n")  # fmt: skip
+    print(
+        f"\n{torch.cuda.get_device_name()}, {a.dtype}, triton {triton.__version__}, torch {torch.__version__}; "
+        f"device copy bandwidth {peak:.0f} GB/s (read + written)\n"
+    )
     print(format_table(results))
     if a.json:
         info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}

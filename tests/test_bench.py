@@ -1,9 +1,10 @@
-"""bench/decode.py's helpers and bench/kernels.py, on the tiny model and hand-made numbers (no SmolLM2)."""
+"""bench/'s modules (decode.py's helpers in measure, report, parallama_rows and peers; kernels.py), on the tiny
+model and hand-made numbers (no SmolLM2)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
+import mmap
 import subprocess
 import sys
 from pathlib import Path
@@ -11,22 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import decode, measure, parallama_rows, peers, report
+from bench import kernels as bk
 from tests.helpers import TINY, tiny_hf_oracle, tiny_meta_model
 from tests.tolerance import KERNEL, MODEL_PATH, assert_close, assert_far
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str, path: Path):
-    """bench/ is not a package, and bench/kernels.py would shadow the kernels package: load by path."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bd = _load("bench_decode", ROOT / "bench" / "decode.py")
-bk = _load("bench_kernels", ROOT / "bench" / "kernels.py")
 
 
 @pytest.fixture(scope="module")
@@ -35,74 +26,112 @@ def tiny(one_torch_thread):
 
 
 def check_schema(r: dict) -> None:
-    for key, typ in bd.ROW_SCHEMA.items():
+    for key, typ in report.ROW_SCHEMA.items():
         assert key in r, key
         assert type(r[key]) is typ, (key, type(r[key]))
     assert r["engine"] in ("parallama", "transformers", "peft")
-    assert r["method"] in (*bd.METHODS, "mixed")
+    assert r["method"] in (*parallama_rows.METHODS, "mixed")
     assert all(math.isfinite(r[k]) and r[k] >= 0 for k in ("tps", "decode_tps", "prefill_tps", "peak_mem_mib"))
 
 
 def fake(engine: str, method: str, tps: float, beams: int = 1, batch: int = 1, **kw) -> dict:
     """A row with made-up figures: tok/s = decode = prefill = tps."""
     n = kw.get("requests", batch)
-    return bd.row(engine, method, beams=beams, batch=batch, prompt_len=10, new_tokens=4, t_total=n * 4 / tps,
-                  t_prefill=1.0, kv_bytes=0, peak_mem_mib=0.0, decode_tps=tps, prefill_tps=tps, **kw)  # fmt: skip
+    return report.row(
+        engine,
+        method,
+        beams=beams,
+        batch=batch,
+        prompt_len=10,
+        new_tokens=4,
+        t_total=n * 4 / tps,
+        t_prefill=1.0,
+        kv_bytes=0,
+        peak_mem_mib=0.0,
+        decode_tps=tps,
+        prefill_tps=tps,
+        **kw,
+    )
 
 
 # ---- rows and schema ---------------------------------------------------------------------------------------------
 
 
 def test_row_schema_and_rates():
-    r = bd.row("transformers", "base", beams=1, batch=2, prompt_len=100, new_tokens=11, t_total=2.0, t_prefill=0.5,
-               kv_bytes=123, peak_mem_mib=4)  # fmt: skip
+    r = report.row(
+        "transformers",
+        "base",
+        beams=1,
+        batch=2,
+        prompt_len=100,
+        new_tokens=11,
+        t_total=2.0,
+        t_prefill=0.5,
+        kv_bytes=123,
+        peak_mem_mib=4,
+    )
     check_schema(r)
     assert r["tps"] == pytest.approx(2 * 11 / 2.0)  # new tokens of every request / wall time incl. prefill
     assert r["decode_tps"] == pytest.approx(2 * 10 / 1.5)  # the tokens after the first / time after the prefill
     assert r["prefill_tps"] == pytest.approx(2 * 100 / 0.5)
     assert (r["tenants"], r["requests"], r["mode"]) == (1, 2, "batched")
-    s = bd.row("parallama", "para", beams=1, batch=1, requests=8, tenants=8, mode="sequential", prompt_len=10,
-               new_tokens=4, t_total=4.0, t_prefill=1.0, kv_bytes=0, peak_mem_mib=0.0)  # fmt: skip
+    s = report.row(
+        "parallama",
+        "para",
+        beams=1,
+        batch=1,
+        requests=8,
+        tenants=8,
+        mode="sequential",
+        prompt_len=10,
+        new_tokens=4,
+        t_total=4.0,
+        t_prefill=1.0,
+        kv_bytes=0,
+        peak_mem_mib=0.0,
+    )
     assert s["tps"] == pytest.approx(8 * 4 / 4.0) and (s["batch"], s["tenants"]) == (1, 8)
 
 
 def test_request_adapters():
-    assert bd.request_adapters("base", 2) == [None, None]
-    assert bd.request_adapters("lora", 2) == ["lora", "lora"]
-    assert bd.request_adapters("mixed", 5) == [None, "para", "ia3", "lora", None]
-    assert bd.request_adapters("para", 5, tenants=3) == ["para0", "para1", "para2", "para0", "para1"]
+    assert parallama_rows.request_adapters("base", 2) == [None, None]
+    assert parallama_rows.request_adapters("lora", 2) == ["lora", "lora"]
+    assert parallama_rows.request_adapters("mixed", 5) == [None, "para", "ia3", "lora", None]
+    assert parallama_rows.request_adapters("para", 5, tenants=3) == ["para0", "para1", "para2", "para0", "para1"]
 
 
 def test_bench_parallama_rows(tiny):
     ids = list(range(5, 13))  # 8 prompt tokens + 3 new = 11 tokens: one 16-token block per sequence
     per_token = 2 * TINY["n_layers"] * 2 * (TINY["dim"] // TINY["n_heads"]) * 4  # K and V, 2 kv heads, fp32
-    assert bd.kv_bytes_per_token(tiny) == per_token
-    r = bd.bench_parallama(tiny, ids, 3, 1, 1, "para", 1)
+    assert measure.kv_bytes_per_token(tiny) == per_token
+    r = parallama_rows.bench_parallama(tiny, ids, 3, 1, 1, "para", 1)
     check_schema(r)
     assert r["kv_bytes"] == 16 * per_token and "decode_gbs" in r
-    m = bd.bench_parallama(tiny, ids, 3, 1, 1, "mixed", 4)
+    m = parallama_rows.bench_parallama(tiny, ids, 3, 1, 1, "mixed", 4)
     assert (m["batch"], m["tenants"], m["kv_bytes"]) == (4, 4, 4 * 16 * per_token)
 
-    regs = bd.tenant_adapters(tiny, 3)
+    regs = parallama_rows.tenant_adapters(tiny, 3)
     names = list(regs)
-    seq = bd.bench_parallama(tiny, ids, 3, 1, 1, "para", 3, adapters=regs, assign=names, tenants=3, sequential=True)
+    seq = parallama_rows.bench_parallama(
+        tiny, ids, 3, 1, 1, "para", 3, adapters=regs, assign=names, tenants=3, sequential=True
+    )
     check_schema(seq)
     assert (seq["batch"], seq["requests"], seq["tenants"], seq["mode"]) == (1, 3, 3, "sequential")
     assert seq["kv_bytes"] == 16 * per_token  # one request at a time
-    beams = bd.bench_parallama(tiny, ids, 3, 2, 1, "base", 1)
+    beams = parallama_rows.bench_parallama(tiny, ids, 3, 2, 1, "base", 1)
     assert beams["beams"] == 2 and beams["kv_bytes"] >= 2 * 16 * per_token
     # a step reads the weights and both beams' K/V (context mid-generation) and gives the request one token
-    want = bd.bytes_per_decode_step(tiny, 8 + 3 // 2, 2) * beams["decode_tps"] / 1e9
+    want = measure.bytes_per_decode_step(tiny, 8 + 3 // 2, 2) * beams["decode_tps"] / 1e9
     assert beams["decode_gbs"] == pytest.approx(want)
 
 
 def test_tenant_adapters_differ(tiny):
-    regs = bd.tenant_adapters(tiny, 3)
+    regs = parallama_rows.tenant_adapters(tiny, 3)
     pooled = torch.randn(1, TINY["dim"])
     vecs = [a.scales(0, pooled)["q"] for a in regs.values()]
     assert not torch.allclose(vecs[0], torch.ones_like(vecs[0]))  # not the identity a fresh adapter is
     assert not torch.allclose(vecs[0], vecs[1]) and not torch.allclose(vecs[1], vecs[2])
-    again = bd.tenant_adapters(tiny, 3)  # seeded
+    again = parallama_rows.tenant_adapters(tiny, 3)  # seeded
     assert torch.equal(again["para1"].scales(0, pooled)["q"], vecs[1])
 
 
@@ -116,10 +145,10 @@ def test_bytes_per_decode_step_hand_count():
     hd = d // H
     per_layer = (H * hd + 2 * kv * hd) * d + d * H * hd + 3 * F * d + 2 * d  # wqkv, wo, w1 w2 w3, two norms
     weights = (V * d + L * per_layer + d) * 4  # the tied embedding / output counted once, plus the final norm
-    assert bd.weight_bytes(model) == weights
+    assert measure.weight_bytes(model) == weights
     kv_token = 2 * L * kv * hd * 4
-    assert bd.bytes_per_decode_step(model, 0, 0) == weights
-    assert bd.bytes_per_decode_step(model, 10, 3) == weights + 3 * 10 * kv_token
+    assert measure.bytes_per_decode_step(model, 0, 0) == weights
+    assert measure.bytes_per_decode_step(model, 10, 3) == weights + 3 * 10 * kv_token
 
 
 # ---- targets ---------------------------------------------------------------------------------------------------
@@ -140,7 +169,7 @@ def test_summary_targets():
     ]
     rows[0]["roof_frac"] = 0.55
     kv = {"paged_bytes": 104, "needed_bytes": 100}
-    t = {x["target"]: x for x in bd.summarize(rows, kv, tenants=8)}
+    t = {x["target"]: x for x in report.summarize(rows, kv, tenants=8)}
     assert t["decode tok/s vs transformers (beams 1)"]["met"] is True
     assert t["decode tok/s vs transformers (beams 1)"]["ratio"] == pytest.approx(100 / 30)
     assert t["prefill tok/s vs transformers (beams 1)"]["met"] is True
@@ -157,13 +186,13 @@ def test_summary_targets():
     assert t[w + "one batch / 8 sequential runs tok/s"]["ratio"] == pytest.approx(400 / 120)
     assert t["paged KV bytes / bytes the tokens need (ragged batch)"]["met"] is True  # 1.04 <= 1.05
     assert "PARA / base tok/s (beams 1, batch 8)" not in t  # no base row at batch 8
-    kv_bad = bd.summarize(rows, {"paged_bytes": 110, "needed_bytes": 100})[-1]
+    kv_bad = report.summarize(rows, {"paged_bytes": 110, "needed_bytes": 100})[-1]
     assert kv_bad["met"] is False and kv_bad["at_most"]
 
     # only targets whose rows ran: no transformers row, no LoRA row, no tenants
-    only = {x["target"] for x in bd.summarize([fake("parallama", "base", 1.0), fake("parallama", "para", 2.0)])}
+    only = {x["target"] for x in report.summarize([fake("parallama", "base", 1.0), fake("parallama", "para", 2.0)])}
     assert only == {"PARA / base tok/s (beams 1, batch 1)"}
-    text = bd.format_summary(bd.summarize(rows, kv, tenants=8))
+    text = report.format_summary(report.summarize(rows, kv, tenants=8))
     assert "| not met |" in text and "| met |" in text and "≤ 1.05" in text
 
 
@@ -172,12 +201,12 @@ def test_paired_ratio_cancels_drift_between_rounds():
     moves both rows alike, so the paired ratio is the per-round 0.9, while the ratio of medians is not."""
     base, para = fake("parallama", "base", 100.0), fake("parallama", "para", 99.0)
     base["runs_tps"], para["runs_tps"] = [100.0, 200.0, 100.0], [90.0, 180.0, 90.0]
-    t = bd._target("PARA / base", para, base, "tps", 0.98)
+    t = report._target("PARA / base", para, base, "tps", 0.98)
     assert t["paired"] and t["ratio"] == pytest.approx(0.9) and t["met"] is False
     para["runs_tps"] = [90.0, 180.0]  # not the same rounds: the medians' ratio
-    t = bd._target("PARA / base", para, base, "tps", 0.98)
+    t = report._target("PARA / base", para, base, "tps", 0.98)
     assert not t["paired"] and t["ratio"] == pytest.approx(0.99) and t["met"] is True
-    assert "per-round" not in bd.format_summary([t])
+    assert "per-round" not in report.format_summary([t])
 
 
 def test_interleaved_rounds_rotate_the_order():
@@ -193,7 +222,7 @@ def test_interleaved_rounds_rotate_the_order():
         def row(self):
             return {"name": self.name}
 
-    rows = bd.run_interleaved([Case("a"), Case("b"), Case("c")], runs=4)
+    rows = parallama_rows.run_interleaved([Case("a"), Case("b"), Case("c")], runs=4)
     assert [r["name"] for r in rows] == ["a", "b", "c"]
     assert order == [*"abc", *"bca", *"cab", *"abc"]
 
@@ -201,9 +230,9 @@ def test_interleaved_rounds_rotate_the_order():
 def test_table_and_roof():
     rows = [fake("parallama", "base", 50.0), fake("peft", "ia3", 10.0), fake("transformers", "base", 20.0)]
     rows[0]["decode_gbs"] = 10.0
-    bd.add_roof(rows, 40.0)
+    report.add_roof(rows, 40.0)
     assert rows[0]["roof_frac"] == pytest.approx(0.25) and "roof_frac" not in rows[1]
-    table = bd.format_table(rows)
+    table = report.format_table(rows)
     assert "| 25% |" in table and "| 0.500x |" in table  # peft rows compare with the transformers base
 
 
@@ -211,19 +240,23 @@ def test_table_and_roof():
 
 
 def test_bandwidth_helpers():
-    samples = bd.measure_bandwidth("cpu", 16 * 2**20, reads=2)
+    samples = measure.measure_bandwidth("cpu", 16 * 2**20, reads=2)
     assert len(samples) == 2 and all(s > 0 for s in samples)
-    s = bd.bandwidth_summary([10.0, 30.0], [20.0])
+    s = measure.bandwidth_summary([10.0, 30.0], [20.0])
     assert (s["max"], s["median"], s["min"], s["used"]) == (30.0, 20.0, 10.0, "max")
-    assert bd.bandwidth_buffer_bytes(0, 32 * 2**20) >= 4 * 32 * 2**20
-    assert bd.bandwidth_buffer_bytes(2**31, 32 * 2**20) == 2**31  # at least the weights a decode step reads
-    assert bd.bandwidth_buffer_bytes(0, None) == 512 * 2**20
+    assert measure.bandwidth_buffer_bytes(0, 32 * 2**20) >= 4 * 32 * 2**20
+    assert measure.bandwidth_buffer_bytes(2**31, 32 * 2**20) == 2**31  # at least the weights a decode step reads
+    assert measure.bandwidth_buffer_bytes(0, None) == 512 * 2**20
 
 
 def test_peak_memory_cpu():
-    with bd.PeakMemory("cpu") as m:
-        x = torch.ones(64 * 2**20 // 4)
-        del x
+    # fresh pages from the kernel: a heap allocation may reuse pages an earlier test left resident (then the
+    # high-water mark does not move, and the outcome would depend on test order)
+    with measure.PeakMemory("cpu") as m:
+        buf = mmap.mmap(-1, 64 * 2**20)
+        for i in range(0, len(buf), mmap.PAGESIZE):
+            buf[i] = 1  # touch every page
+        buf.close()
     if not m.hwm:
         pytest.skip("no resettable RSS high-water mark here (/proc/self/clear_refs)")
     assert 50 <= m.mib < 1024
@@ -232,13 +265,14 @@ def test_peak_memory_cpu():
 def test_plot_without_matplotlib(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
-    assert bd.plot([fake("parallama", "base", 1.0)], tmp_path / "x.png") is False
-    assert bd.MPL_MISSING in capsys.readouterr().out
+    assert report.plot([fake("parallama", "base", 1.0)], tmp_path / "x.png") is False
+    assert report.MPL_MISSING in capsys.readouterr().out
     assert not (tmp_path / "x.png").exists()
 
 
 def test_compiled_step_falls_back(tiny, capsys):
-    step = bd.CompiledStep.__new__(bd.CompiledStep)  # no torch.compile here: only the fallback is under test
+    # no torch.compile here: only the fallback is under test
+    step = parallama_rows.CompiledStep.__new__(parallama_rows.CompiledStep)
     calls = []
     step.eager = lambda *a: calls.append(a) or "eager"
 
@@ -252,14 +286,14 @@ def test_compiled_step_falls_back(tiny, capsys):
 
 
 def test_parse_args():
-    a = bd.parse_args(["--quick", "--methods", "lora"])
+    a = decode.parse_args(["--quick", "--methods", "lora"])
     assert (a.runs, a.beams, a.batch, a.methods, a.tenants, a.device) == (3, [1], [1], ["base", "para"], 0, "cpu")
     for bad in (["--tenants", "1"], ["--runs", "0"], ["--dtype", "int8"]):
         with pytest.raises(SystemExit):
-            bd.parse_args(bad)
+            decode.parse_args(bad)
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
-            bd.parse_args(["--device", "cuda"])
+            decode.parse_args(["--device", "cuda"])
 
 
 # ---- peers ------------------------------------------------------------------------------------------------------
@@ -273,25 +307,36 @@ def test_peft_peers_on_tiny_transformers(one_torch_thread):
     x = torch.tensor([ids] * 3)
     with torch.no_grad():
         plain = hf(x).logits
-    pm = bd.peft_model(hf, "lora", 3)
+    pm = peers.peft_model(hf, "lora", 3)
     names = ["t0", "t1", "t2"]
     with torch.no_grad():
         mixed = pm(x, adapter_names=names).logits
     assert_far(mixed[0], mixed[1], MODEL_PATH)
     assert_far(mixed[1], mixed[2], MODEL_PATH)
-    r = bd.bench_hf(pm, ids, 3, 1, 1, batch=3, engine="peft", method="lora", tenants=3, weights=1000,
-                    generate_kwargs={"adapter_names": names})  # fmt: skip
+    r = peers.bench_hf(
+        pm,
+        ids,
+        3,
+        1,
+        1,
+        batch=3,
+        engine="peft",
+        method="lora",
+        tenants=3,
+        weights=1000,
+        generate_kwargs={"adapter_names": names},
+    )
     check_schema(r)
     assert (r["batch"], r["tenants"], r["engine"]) == (3, 3, "peft") and r["decode_gbs"] > 0
     hf = pm.unload()
-    clock = bd.StepClock()
+    clock = peers.StepClock()
     with torch.no_grad():
         hf.generate(x[:1], max_new_tokens=4, min_new_tokens=4, do_sample=False, logits_processor=[clock])
     assert len(clock.times) == 4 and clock.decode_tps(1) > 0  # one call per new token: prefill, then 3 decodes
     clock.times = [10.0, 10.5, 11.0]
     assert clock.decode_tps(2) == pytest.approx(2 * 2 / 1.0)
-    ia3 = bd.peft_model(hf, "ia3")
-    check_schema(bd.bench_hf(ia3, ids, 3, 2, 1, engine="peft", method="ia3"))
+    ia3 = peers.peft_model(hf, "ia3")
+    check_schema(peers.bench_hf(ia3, ids, 3, 2, 1, engine="peft", method="ia3"))
     hf = ia3.unload()
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, plain)  # unload gives the plain model back
