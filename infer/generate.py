@@ -17,7 +17,7 @@ from infer.engine import Engine
 from infer.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from train.pillow import Pool
+    from infer.pillow import Pool
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from model import Llama  # after argument checks: bad flags answer at once
-    from model.peft import load_adapter
+    from weights.adapters import load_adapter
 
     try:
         model = Llama.from_pretrained(a.model)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [tok.encode_chat([{"role": "user", "content": p}]) if a.chat else p for p in a.prompt]
         chosen = None
         if pool is not None:
-            from train.pillow import Pillow
+            from infer.pillow import Pillow
 
             pillow = Pillow.load(a.matcher, model, pool, shots=a.shots)
             prompts, chosen = pillow.prompts(a.prompt, chat=a.chat)
@@ -122,7 +122,7 @@ def _read_pool(a: argparse.Namespace) -> Pool | None:
         if a.shots is not None:
             raise ValueError("--shots needs --prompt-pool and --matcher")
         return None
-    from train.pillow import check_shots, load_pool
+    from infer.pillow import check_shots, load_pool
 
     pool = load_pool(a.prompt_pool)
     if a.shots is not None:

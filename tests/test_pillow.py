@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from infer.pillow import pool as pillow_pool
 from model import Llama
 from tests.helpers import WORDS, random_meta_state_dict, train_sentencepiece, write_meta_dir
 from tests.tolerance import MODEL_PATH, PATH, approx, assert_close
@@ -38,6 +39,7 @@ from train.pillow import (
     save_matcher,
     train_matcher,
 )
+from weights.adapters import save_adapter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -200,11 +202,15 @@ def test_dev_selection_keeps_the_best_and_is_deterministic():
         m.fit_normalization(pool_emb)
         evals = []
         h = train_matcher(
-            m, pool_emb, train_emb, Rewarder(train, pool, stub_llm, exact_match),
+            m,
+            pool_emb,
+            train_emb,
+            Rewarder(train, pool, stub_llm, exact_match),
             RLConfig(shots=2, steps=12, batch_size=8, lr=1e-2, eval_every=5, seed=3),
-            dev_emb=dev_emb, dev_reward=Rewarder(dev, pool, stub_llm, exact_match),
+            dev_emb=dev_emb,
+            dev_reward=Rewarder(dev, pool, stub_llm, exact_match),
             on_eval=lambda s, r: evals.append((s, r)),
-        )  # fmt: skip
+        )
         return m, h, evals
 
     m1, h1, evals = run()
@@ -341,7 +347,7 @@ def test_embeddings_are_mean_final_hidden_states(tiny, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("recomputed")
 
-    monkeypatch.setattr(pillow, "embed_texts", boom)
+    monkeypatch.setattr(pillow_pool, "embed_texts", boom)  # where cached_embeddings looks it up
     assert torch.equal(cached_embeddings(tiny, texts, tmp_path, kind="pool"), first)  # read from the file
     with pytest.raises(AssertionError, match="recomputed"):  # other texts: another key
         cached_embeddings(tiny, texts[:2], tmp_path, kind="pool")
@@ -387,8 +393,13 @@ def toy(n: int, seed: int, start: int = 0) -> list[dict]:
     for i in range(n):
         ws = [rng.choice(WORDS[:40]) for _ in range(3)]
         task = rng.choice(["copy", "reverse"])
-        rows.append({"prompt": f"{task}: {' '.join(ws)}", "response": " ".join(ws if task == "copy" else ws[::-1]),
-                     "id": f"toy-{start + i}"})  # fmt: skip
+        rows.append(
+            {
+                "prompt": f"{task}: {' '.join(ws)}",
+                "response": " ".join(ws if task == "copy" else ws[::-1]),
+                "id": f"toy-{start + i}",
+            }
+        )
     return rows
 
 
@@ -401,9 +412,35 @@ def test_cli_train_generate_evaluate_on_tiny_model(tiny_dir, tiny, tmp_path, cap
     train = write_jsonl(tmp_path / "train.jsonl", toy(8, seed=2) + pool_rows[:1])  # the pool's own prompt too
     dev = write_jsonl(tmp_path / "dev.jsonl", toy(4, seed=3))
     cache = tmp_path / "cache"
-    common = ["--model", str(tiny_dir), "--pool", str(pool_path), "--train", str(train), "--dev", str(dev),
-              "--shots", "2", "--steps", "3", "--batch-size", "4", "--eval-every", "2", "--hidden", "16", "--k", "8",
-              "--max-new-tokens", "4", "--no-progress", "--cache-dir", str(cache), "--seed", "5"]  # fmt: skip
+    common = [
+        "--model",
+        str(tiny_dir),
+        "--pool",
+        str(pool_path),
+        "--train",
+        str(train),
+        "--dev",
+        str(dev),
+        "--shots",
+        "2",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "2",
+        "--hidden",
+        "16",
+        "--k",
+        "8",
+        "--max-new-tokens",
+        "4",
+        "--no-progress",
+        "--cache-dir",
+        str(cache),
+        "--seed",
+        "5",
+    ]
     assert pillow.main(common + ["--out", str(tmp_path / "run")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["steps"] == 3 and result["best"] == str(tmp_path / "run" / "best")
@@ -428,8 +465,19 @@ def test_cli_train_generate_evaluate_on_tiny_model(tiny_dir, tiny, tmp_path, cap
     # inference: the prompt is the chosen exemplars, written out here by hand, then the query
     monkeypatch.setenv("PARALLAMA_CACHE", str(tmp_path / "home-cache"))  # infer.generate's embedding cache
     queries = ["copy: fox dog river", pool_rows[3]["prompt"]]
-    argv = ["--model", str(tiny_dir), "--prompt-pool", str(pool_path), "--matcher", str(tmp_path / "run"),
-            "--shots", "2", "--json", "--max-new-tokens", "3"]  # fmt: skip
+    argv = [
+        "--model",
+        str(tiny_dir),
+        "--prompt-pool",
+        str(pool_path),
+        "--matcher",
+        str(tmp_path / "run"),
+        "--shots",
+        "2",
+        "--json",
+        "--max-new-tokens",
+        "3",
+    ]
     argv += [a for q in queries for a in ("--prompt", q)]
     assert generate_main(argv) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
@@ -446,12 +494,32 @@ def test_cli_train_generate_evaluate_on_tiny_model(tiny_dir, tiny, tmp_path, cap
     assert "--prompt-pool and --matcher go together" in capsys.readouterr().err
 
     # evaluation: base and a PARA adapter; a fresh PARA adapter is the identity, so its rows equal the base rows
-    create_adapter(tiny, PARAConfig(r=4)).save(tmp_path / "para")
+    save_adapter(create_adapter(tiny, PARAConfig(r=4)), tmp_path / "para")
     test = write_jsonl(tmp_path / "test.jsonl", toy(5, seed=4))
-    ev = ["--evaluate", "--model", str(tiny_dir), "--pool", str(pool_path), "--matcher", str(tmp_path / "run"),
-          "--adapter", str(tmp_path / "para"), "--dev", str(dev), "--test", str(test), "--shots", "2",
-          "--max-new-tokens", "4", "--no-progress", "--cache-dir", str(cache),
-          "--out", str(tmp_path / "results")]  # fmt: skip
+    ev = [
+        "--evaluate",
+        "--model",
+        str(tiny_dir),
+        "--pool",
+        str(pool_path),
+        "--matcher",
+        str(tmp_path / "run"),
+        "--adapter",
+        str(tmp_path / "para"),
+        "--dev",
+        str(dev),
+        "--test",
+        str(test),
+        "--shots",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--no-progress",
+        "--cache-dir",
+        str(cache),
+        "--out",
+        str(tmp_path / "results"),
+    ]
     assert pillow.main(ev) == 0
     capsys.readouterr()
     out = json.loads((tmp_path / "results" / "pillow_exact_match.json").read_text())
@@ -463,8 +531,11 @@ def test_cli_train_generate_evaluate_on_tiny_model(tiny_dir, tiny, tmp_path, cap
     table = (tmp_path / "results" / "pillow_exact_match.md").read_text()
     assert table.splitlines()[0] == "| selection | base dev | base test | PARA dev | PARA test |"
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:6]] == [
-        "0-shot", "random 2-shot", "nearest 2-shot", "pillow 2-shot"
-    ]  # fmt: skip
+        "0-shot",
+        "random 2-shot",
+        "nearest 2-shot",
+        "pillow 2-shot",
+    ]
 
 
 def test_few_shot_prompt_formats(tiny):
@@ -500,10 +571,17 @@ def test_real_llm_loop_on_smollm2(smollm2, tmp_path):
     pool = Pool("mem", pool_rows, "sha")
     kinds = [
         ("hash", ["What is 1 plus 6?", "What is 3 plus 3?", "What is 5 plus 2?", "What is 7 plus 1?"]),
-        ("bracket", ["What is the color of grass?", "What color is coal?", "What color is a banana?",
-                     "What is the color of blood?"]),
+        (
+            "bracket",
+            [
+                "What is the color of grass?",
+                "What color is coal?",
+                "What color is a banana?",
+                "What is the color of blood?",
+            ],
+        ),
         ("curly", ["Name an animal.", "Name a city.", "Name a flower.", "Name a tree."]),
-    ]  # fmt: skip
+    ]
     queries = [{"prompt": q, "response": "", "format": f} for f, qs in kinds for q in qs]
     pool_emb = cached_embeddings(smollm2, pool.texts, tmp_path, kind="pool")
     q_emb = cached_embeddings(smollm2, [q["prompt"] for q in queries], tmp_path, kind="queries")

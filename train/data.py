@@ -13,14 +13,15 @@ error, like a malformed line. Bad lines raise `DataError` naming file:line, or a
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from infer.pillow.pool import check_record  # the {"prompt", "response"} record, as a pool holds them
+from weights.io import read_jsonl as read_jsonl_file
 
 IGNORE = -100  # target of positions that are not scored (prompt and padding)
 
@@ -54,50 +55,7 @@ class Dataset:
 
 def read_jsonl(path: str | os.PathLike[str], skip_bad: bool = False) -> tuple[list[tuple[str, dict]], list[str]]:
     """([(file:line, record)], messages of skipped lines). A record needs string "prompt" and "response"."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: no such file")
-    if not p.is_file():
-        raise DataError(f"{p}: not a file")
-    records: list[tuple[str, dict]] = []
-    skipped: list[str] = []
-    with p.open("rb") as f:
-        for n, raw in enumerate(f, start=1):
-            where = f"{p}:{n}"
-            try:
-                record = parse_line(raw)
-            except DataError as e:
-                if not skip_bad:
-                    raise DataError(f"{where}: {e} (pass --skip-bad to skip bad lines)") from None
-                skipped.append(f"{where}: {e}")
-                continue
-            if record is not None:
-                records.append((where, record))
-    return records, skipped
-
-
-def parse_line(raw: bytes) -> dict | None:
-    """The record of one line (None for a blank line); DataError says what is wrong with it."""
-    try:
-        line = raw.decode("utf-8").strip()
-    except UnicodeDecodeError as e:
-        raise DataError(f"not valid UTF-8 ({e})") from None
-    if not line:
-        return None
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise DataError(f'expected a JSON object with "prompt" and "response", got {type(obj).__name__}')
-    for key in ("prompt", "response"):
-        if key not in obj:
-            raise DataError(f'field "{key}" is missing')
-        if not isinstance(obj[key], str):
-            raise DataError(f'field "{key}" must be a string, got {type(obj[key]).__name__}')
-    if not obj["prompt"]:
-        raise DataError('field "prompt" is empty')
-    return obj
+    return read_jsonl_file(path, DataError, check_record, skip_bad, hint=" (pass --skip-bad to skip bad lines)")
 
 
 def encode(tokenizer: Any, prompt: str, response: str, chat: bool) -> tuple[list[int], list[int]]:
