@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.args import ModelArgs
-from model.llama import StepBatch
+from model.step import StepBatch
 
 
 class CacheFullError(RuntimeError):

@@ -22,8 +22,8 @@ from infer.beam import BeamSearch
 from infer.cache import BlockTable, CacheFullError, PagedKVCache
 from infer.sampling import SamplingParams, sample_token
 from model import Llama
-from model.llama import AdapterStep, scale_columns
 from model.peft import Adapter
+from model.step import AdapterStep, scale_columns
 
 
 @dataclass

@@ -98,7 +98,7 @@ def variants(dtype: str) -> list[Variant]:
                 div16=gemm_common["div16"] + ("stride_wn",),
                 constexprs=gemm_common["constexprs"],
                 label=_cfg_label(c),
-            )  # fmt: skip
+            )
         )
     for c in gated_up.CONFIGS:
         out.append(
@@ -119,7 +119,7 @@ def variants(dtype: str) -> list[Variant]:
                 div16=gemm_common["div16"] + ("stride_wgn", "stride_wun"),
                 constexprs=gemm_common["constexprs"],
                 label=_cfg_label(c),
-            )  # fmt: skip
+            )
         )
     # rms_norm: the host picks 4 warps below BLOCK_D 4096 and 8 from there; compile each at its widest row
     for c, block in ((rms_norm.CONFIGS[0], 2048), (rms_norm.CONFIGS[1], 8192)):
@@ -134,7 +134,7 @@ def variants(dtype: str) -> list[Variant]:
                 floats=("eps",),
                 constexprs={"HAS_RESIDUAL": True, "BLOCK_D": block},
                 label=_cfg_label(c, {"BLOCK_D": block}),
-            )  # fmt: skip
+            )
         )
     for c in rope.CONFIGS:
         out.append(
@@ -158,7 +158,7 @@ def variants(dtype: str) -> list[Variant]:
                 ),
                 constexprs={"BLOCK_HALF": 64},
                 label=_cfg_label(c, {"HALF": 64}),
-            )  # fmt: skip
+            )
         )
     for c in paged_attention.CONFIGS:
         out.append(
@@ -184,7 +184,7 @@ def variants(dtype: str) -> list[Variant]:
                 floats=("qk_scale",),
                 constexprs={"PAGE_SIZE": 16, "BLOCK_G": 16, "BLOCK_D": 128, "DOT_PRECISION": "ieee"},
                 label=_cfg_label(c, {"page": 16, "hd": 128}),
-            )  # fmt: skip
+            )
         )
     return out
 

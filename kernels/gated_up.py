@@ -136,9 +136,24 @@ def fused_gated_up(
     if config is None and x.device.type != "cuda":
         config = interpreter_config(M, N, K)
     args = (
-        x2, w_gate, w_up, s_arg, r_arg, y, M, N, K, *x2.stride(), *w_gate.stride(), *w_up.stride(),
-        stride_ss, stride_sn, *y.stride(), rows_per_seq, bucket(M),
-    )  # fmt: skip
+        x2,
+        w_gate,
+        w_up,
+        s_arg,
+        r_arg,
+        y,
+        M,
+        N,
+        K,
+        *x2.stride(),
+        *w_gate.stride(),
+        *w_up.stride(),
+        stride_ss,
+        stride_sn,
+        *y.stride(),
+        rows_per_seq,
+        bucket(M),
+    )
     constexprs = {"HAS_SCALE": scale_u is not None, "HAS_ROW_TO_SEQ": row_to_seq is not None, "DOT_PRECISION": "ieee"}
 
     def grid(meta):

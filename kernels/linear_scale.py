@@ -125,9 +125,22 @@ def fused_linear_scale(
     if config is None and x.device.type != "cuda":
         config = interpreter_config(M, N, K)
     args = (
-        x2, w, s_arg, r_arg, y, M, N, K, *x2.stride(), *w.stride(), stride_ss, stride_sn, *y.stride(),
-        rows_per_seq, bucket(M),
-    )  # fmt: skip
+        x2,
+        w,
+        s_arg,
+        r_arg,
+        y,
+        M,
+        N,
+        K,
+        *x2.stride(),
+        *w.stride(),
+        stride_ss,
+        stride_sn,
+        *y.stride(),
+        rows_per_seq,
+        bucket(M),
+    )
     constexprs = {
         "HAS_SCALE": scale is not None,
         "HAS_ROW_TO_SEQ": row_to_seq is not None,

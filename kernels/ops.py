@@ -11,36 +11,83 @@ triton on CUDA, cpu elsewhere; the environment variable PARALLAMA_BACKEND overri
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from functools import cache
+from typing import Protocol
 
 import torch
+from torch import Tensor
 
 from kernels import cpu, reference
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
 
 
-@dataclass(frozen=True)
-class Ops:
+class Ops(Protocol):
+    """Every op the model calls, one signature each. A backend binds each to a function (table in
+    kernels/README.md); `reference.py` holds the twins, whose docstrings give the shapes."""
+
     backend: str
-    rms_norm: Callable[..., torch.Tensor]
-    rope: Callable[..., torch.Tensor]
-    linear_scale: Callable[..., torch.Tensor]
-    gated_up: Callable[..., torch.Tensor]
-    lora_add: Callable[..., torch.Tensor]
-    attention: Callable[..., torch.Tensor]
-    write_kv: Callable[..., None]
-    paged_attention: Callable[..., torch.Tensor]
-    scope: Callable[[], AbstractContextManager] = nullcontext  # entered around every forward
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor: ...
+
+    def add_rms_norm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        """(rms_norm(x + residual), x + residual): a sub-layer's residual add fused with the next norm."""
+        ...
+
+    def rope(self, x: Tensor, cos_sin: Tensor) -> Tensor: ...
+
+    def linear_scale(
+        self, x: Tensor, w: Tensor, scale: Tensor | None = None, row_to_seq: Tensor | None = None
+    ) -> Tensor: ...
+
+    def gated_up(
+        self,
+        x: Tensor,
+        w_gate: Tensor,
+        w_up: Tensor,
+        scale_u: Tensor | None = None,
+        row_to_seq: Tensor | None = None,
+    ) -> Tensor: ...
+
+    def lora_add(
+        self,
+        y: Tensor,
+        x: Tensor,
+        a: Tensor,
+        b: Tensor,
+        scaling: float,
+        rows: Tensor | None = None,
+        dropout: float = 0.0,
+    ) -> Tensor: ...
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor: ...
+
+    def write_kv(self, k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Tensor, v: Tensor) -> None: ...
+
+    def paged_attention(
+        self,
+        q: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        block_tables: Tensor,
+        seq_lens: Tensor,
+        positions: Tensor,
+        row_to_seq: Tensor,
+        row_index: Tensor,
+        max_rows: int,
+        contiguous_kv: tuple[int, int] | None = None,
+    ) -> Tensor: ...
+
+    def scope(self) -> AbstractContextManager[None]:
+        """Entered around every forward (the cpu backend pins torch to one thread there)."""
+        ...
 
 
 def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu") -> str:
-    """ "torch" or "triton" for a requested backend on `device`; PARALLAMA_BACKEND wins over the argument."""
+    """ "torch", "triton" or "cpu" for a requested backend on `device`; PARALLAMA_BACKEND wins over the argument."""
     backend = os.environ.get("PARALLAMA_BACKEND") or backend
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)} (argument or PARALLAMA_BACKEND)")
@@ -73,30 +120,38 @@ def get_ops(backend: str = "torch") -> Ops:
     raise ValueError(f"backend={backend!r}: expected 'torch', 'triton' or 'cpu' (resolve 'auto' with resolve_backend)")
 
 
-TORCH_OPS = Ops(
-    backend="torch",
-    rms_norm=reference.rms_norm,
-    rope=reference.rope,
-    linear_scale=reference.linear_scale,
-    gated_up=reference.gated_up,
-    lora_add=reference.lora_add,
-    attention=reference.attention,
-    write_kv=reference.write_kv,
-    paged_attention=reference.paged_attention,
-)
+class TorchOps:
+    """The reference: every op is its PyTorch twin."""
+
+    backend = "torch"
+    rms_norm = staticmethod(reference.rms_norm)
+    add_rms_norm = staticmethod(reference.add_rms_norm)
+    rope = staticmethod(reference.rope)
+    linear_scale = staticmethod(reference.linear_scale)
+    gated_up = staticmethod(reference.gated_up)
+    lora_add = staticmethod(reference.lora_add)
+    attention = staticmethod(reference.attention)
+    write_kv = staticmethod(reference.write_kv)
+    paged_attention = staticmethod(reference.paged_attention)
+    scope = staticmethod(nullcontext)
 
 
-CPU_OPS = dataclasses.replace(
-    TORCH_OPS,
-    backend="cpu",
-    rms_norm=cpu.rms_norm,
-    rope=cpu.rope,
-    write_kv=cpu.write_kv,
-    paged_attention=cpu.paged_attention,
-    linear_scale=cpu.linear_scale,
-    gated_up=cpu.gated_up,
-    scope=cpu.single_torch_thread,
-)
+class CpuOps(TorchOps):
+    """The twins, with the projections' GEMMs on numpy's BLAS and a few ops rewritten for decode rows."""
+
+    backend = "cpu"
+    rms_norm = staticmethod(cpu.rms_norm)
+    add_rms_norm = staticmethod(cpu.add_rms_norm)
+    rope = staticmethod(cpu.rope)
+    linear_scale = staticmethod(cpu.linear_scale)
+    gated_up = staticmethod(cpu.gated_up)
+    write_kv = staticmethod(cpu.write_kv)
+    paged_attention = staticmethod(cpu.paged_attention)
+    scope = staticmethod(cpu.single_torch_thread)
+
+
+TORCH_OPS: Ops = TorchOps()
+CPU_OPS: Ops = CpuOps()
 
 
 def _forward_only(
@@ -113,14 +168,14 @@ def _forward_only(
     return op
 
 
-def _triton_ops() -> Ops:
+def _triton_ops() -> Ops:  # imported only when asked for: triton is heavy and CUDA-minded
     from kernels.gated_up import fused_gated_up
     from kernels.linear_scale import fused_linear_scale
     from kernels.paged_attention import paged_attention_decode
     from kernels.rms_norm import fused_rms_norm
     from kernels.rope import fused_rope
 
-    def paged_attention(
+    def paged_decode_or_twin(
         q, k_cache, v_cache, block_tables, seq_lens, positions, row_to_seq, row_index, max_rows, contiguous_kv=None
     ):
         # decode (one row per sequence, rows in sequence order as PagedKVCache.prepare_step packs them,
@@ -131,14 +186,18 @@ def _triton_ops() -> Ops:
             q, k_cache, v_cache, block_tables, seq_lens, positions, row_to_seq, row_index, max_rows
         )
 
-    return Ops(
-        backend="triton",
-        rms_norm=_forward_only(fused_rms_norm, reference.rms_norm),
-        rope=_forward_only(fused_rope, reference.rope),
-        linear_scale=_forward_only(fused_linear_scale, reference.linear_scale),
-        gated_up=_forward_only(fused_gated_up, reference.gated_up),
-        lora_add=reference.lora_add,
-        attention=reference.attention,
-        write_kv=reference.write_kv,
-        paged_attention=paged_attention,
-    )
+    def fused_add_rms_norm(x, residual, weight, eps):
+        return fused_rms_norm(x, weight, eps, residual=residual)
+
+    class TritonOps(TorchOps):
+        """The fused kernels where one exists (forward-only: under autograd the twin runs); twins elsewhere."""
+
+        backend = "triton"
+        rms_norm = staticmethod(_forward_only(fused_rms_norm, reference.rms_norm))
+        add_rms_norm = staticmethod(_forward_only(fused_add_rms_norm, reference.add_rms_norm))
+        rope = staticmethod(_forward_only(fused_rope, reference.rope))
+        linear_scale = staticmethod(_forward_only(fused_linear_scale, reference.linear_scale))
+        gated_up = staticmethod(_forward_only(fused_gated_up, reference.gated_up))
+        paged_attention = staticmethod(paged_decode_or_twin)
+
+    return TritonOps()

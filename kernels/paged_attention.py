@@ -139,10 +139,23 @@ def paged_attention_decode(
     if config is None and q.device.type != "cuda":
         config = {"BLOCK_N": 32}
     args = (
-        q, k_cache, v_cache, block_tables, seq_lens, out, scale * math.log2(math.e), g, hd,
-        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
-        out.stride(0), out.stride(1),
-    )  # fmt: skip
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        scale * math.log2(math.e),
+        g,
+        hd,
+        q.stride(0),
+        q.stride(1),
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+    )
     constexprs = {
         "PAGE_SIZE": page,
         "BLOCK_G": max(16, triton.next_power_of_2(g)),

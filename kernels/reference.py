@@ -1,7 +1,7 @@
 """PyTorch reference ops: the readable, exact twins that every Triton kernel is tested against.
 
-The model calls these (through kernels.ops once a Triton backend exists) and nothing else for its
-numerics, so the two paths meet in one small set of functions.
+The model reaches its numerics only through `kernels.ops`, whose "torch" backend binds exactly these; the
+"triton" and "cpu" backends replace some of them with faster functions that are tested against them.
 """
 
 from __future__ import annotations
@@ -18,6 +18,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return y.to(x.dtype) * weight
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(h), h) with h = x + residual: a sub-layer's output joining the residual stream, normed for
+    the next sub-layer. x, residual: (..., D) in one dtype."""
+    h = x + residual
+    return rms_norm(h, weight, eps), h
 
 
 def rope_frequencies(

@@ -45,7 +45,7 @@ def ops_gated_up(B: int):
 
 
 def ops_rms_norm(B: int):
-    """Residual add + RMSNorm, as reference.rms_norm(x + residual) runs it."""
+    """Residual add + RMSNorm, as reference.add_rms_norm runs it (twice per layer: before attention and FFN)."""
     e = B * DIM
     unfused = [
         ("x + residual", 2 * e * H2, e * H2),

@@ -6,112 +6,24 @@ Shapes: B batch, T tokens, d model width, H / H_kv query / key-value heads, hd h
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import reference
-from kernels.ops import TORCH_OPS, Ops, get_ops, resolve_backend
+from kernels.ops import TORCH_OPS, Ops, get_ops
 from model.args import ModelArgs
+from model.checks import check_tensors
+from model.peft.base import Adapter, LoRADelta
+from model.step import StepBatch
 
-if TYPE_CHECKING:
-    from model.peft import Adapter
-    from weights.tokenizer import Tokenizer
-
-
-class LoRADelta(NamedTuple):
-    """An unmerged low-rank update of one projection: y[rows] += dropout(x[rows]) @ aᵀ @ bᵀ · scaling."""
-
-    a: torch.Tensor  # (r, in)
-    b: torch.Tensor  # (out, r)
-    scaling: float
-    rows: torch.Tensor | None = None  # packed rows this adapter owns (None: every row)
-    dropout: float = 0.0  # training-time dropout on the LoRA input
-
-
-def scale_columns(args: ModelArgs) -> dict[str, tuple[str, slice]]:
-    """Where each adapter scale lives: (pool, column slice); q, k, v share the fused QKV projection."""
-    q, kv = args.q_dim, args.kv_dim
-    return {
-        "q": ("qkv", slice(0, q)),
-        "k": ("qkv", slice(q, q + kv)),
-        "v": ("qkv", slice(q + kv, q + 2 * kv)),
-        "u": ("u", slice(0, args.ffn_dim)),
-    }
-
-
-@dataclass
-class AdapterStep:
-    """Adapters on the cached path.
-
-    Scale adapters (PARA, (IA)³) live in two pools, the fused QKV columns and the FFN up columns, one
-    row per slot (slot 0 stays 1, the identity, for rows without one): PARA vectors are computed once,
-    in the prefill step, from each sequence's last prompt row; (IA)³ vectors are written when the
-    request is admitted; every later step only gathers. LoRA rows are grouped per adapter and pay their
-    low-rank matmuls every step.
-    """
-
-    pools: dict[str, torch.Tensor]  # "qkv" (q | k | v columns) / "u" → (n_layers, n_slots, width)
-    row_slots: torch.Tensor  # (M,) the pool row each packed row reads
-    # (adapter, packed rows holding each sequence's last prompt token (n,), their slots (n,))
-    compute: list[tuple[Adapter, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    lora: list[tuple[Adapter, torch.Tensor | None]] = field(default_factory=list)  # (adapter, its rows | None: all)
-
-    @staticmethod
-    def make_pool(
-        args: ModelArgs, pool: str, n_slots: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
-    ) -> torch.Tensor:
-        """An all-ones (identity) pool, stacked over layers: "qkv" scales the fused Q|K|V projection's
-        columns, "u" the FFN up projection's."""
-        width = args.q_dim + 2 * args.kv_dim if pool == "qkv" else args.ffn_dim
-        return torch.ones(args.n_layers, n_slots, width, dtype=dtype, device=device)
-
-    def layer(
-        self, i: int, h: torch.Tensor, gathered: dict[str, torch.Tensor] | None
-    ) -> tuple[dict[str, torch.Tensor], dict[str, list[LoRADelta]]]:
-        """Layer i's per-row scales (M, width) and LoRA deltas. Prefill first writes the vectors
-        computed from this layer's input h; decode reads `gathered`, taken once per step for all layers."""
-        if gathered is not None:
-            scales = {t: g[i] for t, g in gathered.items()}
-        else:
-            for adapter, rows, slots in self.compute:  # pool at each sequence's last prompt row
-                where = scale_columns(adapter.args)
-                for t, vec in adapter.scales(i, h[rows]).items():
-                    pool, cols = where[t]
-                    self.pools[pool][i, slots, cols] = vec.to(self.pools[pool].dtype)
-            scales = {t: p[i, self.row_slots] for t, p in self.pools.items()}
-        lora: dict[str, list[LoRADelta]] = {}
-        for adapter, rows in self.lora:
-            for proj, d in adapter.deltas(i).items():
-                lora.setdefault(proj, []).append(d._replace(rows=rows))
-        return scales, lora
-
-
-@dataclass
-class StepBatch:
-    """One cached step over the packed rows of S sequences: prefill chunks, decode rows, or both.
-
-    Row m is the `row_index[m]`-th new token of sequence `row_to_seq[m]`, at absolute position
-    `positions[m]`; its K/V go to cache slot `slots[m]` (block * block_size + offset).
-    """
-
-    positions: torch.Tensor  # (M,)
-    row_to_seq: torch.Tensor  # (M,)
-    row_index: torch.Tensor  # (M,)
-    slots: torch.Tensor  # (M,)
-    block_tables: torch.Tensor  # (S, max_blocks), padded with any valid block id
-    seq_lens: torch.Tensor  # (S,) context length after this step's writes
-    max_rows: int  # most new rows any sequence has in this step (1 for pure decode)
-    logit_rows: torch.Tensor | None = None  # rows whose logits are returned (None: all)
-    adapters: AdapterStep | None = None  # per-row adapters (None: no row has one)
-    # one sequence whose blocks are consecutive ids: (first block, context length); its K/V are then a
-    # slice of the pool, which backends may read in place (decided once per step, not per layer)
-    contiguous_kv: tuple[int, int] | None = None
+AdapterLayer = tuple[dict[str, torch.Tensor] | None, dict[str, list[LoRADelta]] | None]  # scales, LoRA
 
 
 class RMSNorm(nn.Module):
@@ -122,6 +34,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual add and this norm as one op (one kernel on GPU)."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def _add_lora(ops: Ops, y: torch.Tensor, x: torch.Tensor, lora: list[LoRADelta] | None) -> torch.Tensor:
@@ -182,9 +98,17 @@ class Attention(nn.Module):
         else:
             ops.write_kv(k_cache, v_cache, step.slots, k, v)
             out = ops.paged_attention(
-                q, k_cache, v_cache, step.block_tables, step.seq_lens,
-                step.positions, step.row_to_seq, step.row_index, step.max_rows, contiguous_kv=step.contiguous_kv,
-            )  # fmt: skip
+                q,
+                k_cache,
+                v_cache,
+                step.block_tables,
+                step.seq_lens,
+                step.positions,
+                step.row_to_seq,
+                step.row_index,
+                step.max_rows,
+                contiguous_kv=step.contiguous_kv,
+            )
         return _project(ops, out.reshape(*lead, -1), self.wo.weight, lora=lo.get("o"))
 
     def _qkv_scale(self, s: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -257,15 +181,26 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         cos_sin: torch.Tensor,
         *cache_args: Any,
-        scales: dict[str, torch.Tensor] | None = None,
-        lora: dict[str, list[LoRADelta]] | None = None,
-    ) -> torch.Tensor:
-        """scales: an adapter's per-sequence vectors {"q", "k", "v", "u"} (any subset) for this layer;
-        lora: per-projection low-rank updates {"q", "k", "v", "o", "gate", "up", "down"}."""
-        h = x + self.attention(self.attention_norm(x), cos_sin, *cache_args, scales=scales, lora=lora)
-        return h + self.feed_forward(self.ffn_norm(h), scale_u=(scales or {}).get("u"), lora=lora)
+        adapter: Callable[[torch.Tensor], AdapterLayer] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """vLLM's residual convention: x is the last sub-layer's output (the embeddings, with residual None,
+        for the first block) and residual the stream it joins; returns (this block's FFN output, the stream
+        before it), so each residual add is fused with the norm after it.
+
+        adapter: the stream at this block's input → this layer's scales {"q", "k", "v", "u"} (any subset)
+        and LoRA updates {"q", "k", "v", "o", "gate", "up", "down"}; PARA pools its vectors from that stream.
+        """
+        if residual is None:
+            normed, h = self.attention_norm(x), x
+        else:
+            normed, h = self.attention_norm.add(x, residual)
+        scales, lora = adapter(h) if adapter is not None else (None, None)
+        x = self.attention(normed, cos_sin, *cache_args, scales=scales, lora=lora)
+        normed, h = self.ffn_norm.add(x, h)
+        return self.feed_forward(normed, scale_u=(scales or {}).get("u"), lora=lora), h
 
 
 class Llama(nn.Module):
@@ -281,7 +216,7 @@ class Llama(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.tokenizer: Tokenizer | None = None
+        self.tokenizer: Any = None  # a weights.tokenizer.Tokenizer, set by from_pretrained
         self.setup_rope()
 
     def setup_rope(self, device: torch.device | str | None = None) -> None:
@@ -343,12 +278,12 @@ class Llama(nn.Module):
             if prompt_lens is None:
                 prompt_lens = torch.full((B,), T, dtype=torch.long, device=tokens.device)
         with self.ops.scope():
-            h = self.tok_embeddings(tokens)  # (B, T, d)
+            x, h = self.tok_embeddings(tokens), None  # (B, T, d)
             cos_sin = self.rope_cos_sin[:T]
             for i, layer in enumerate(self.layers):
-                scales, lora = (None, None) if adapter is None else adapter.layer(i, h, prompt_lens)
-                h = layer(h, cos_sin, scales=scales, lora=lora)
-            return self.norm(h)
+                hook = None if adapter is None else functools.partial(adapter.layer, i, prompt_lens=prompt_lens)
+                x, h = layer(x, h, cos_sin, adapter=hook)
+            return self.norm.add(x, h)[0]
 
     @staticmethod
     def _check_prompt_lens(prompt_lens: torch.Tensor, B: int, T: int) -> None:
@@ -360,8 +295,6 @@ class Llama(nn.Module):
 
     def check_adapter(self, adapter: Adapter) -> None:
         """A clear error for an object that is not an adapter, or one made for a model of another shape."""
-        from model.peft import Adapter
-
         if not isinstance(adapter, Adapter):
             raise ValueError(f"adapter must be a model.peft adapter, got {type(adapter).__name__}")
         a, b = adapter.args, self.args
@@ -381,7 +314,7 @@ class Llama(nn.Module):
         Returns float32 logits for `step.logit_rows` (all rows when None): (R, vocab).
         """
         with self.ops.scope():
-            h = self.tok_embeddings(tokens)  # (M, d)
+            x, h = self.tok_embeddings(tokens), None  # (M, d)
             cos_sin = self.rope_cos_sin[step.positions]  # (M, hd/2, 2)
             ad = step.adapters
             if ad is not None and ad.row_slots.numel() > 1 and bool((ad.row_slots == ad.row_slots[0]).all()):
@@ -393,12 +326,12 @@ class Llama(nn.Module):
             if ad is not None and not ad.compute:
                 gathered = {t: p[:, ad.row_slots] for t, p in ad.pools.items()}  # (n_layers, M, width)
             for i, layer in enumerate(self.layers):
-                scales, lora = (None, None) if ad is None else ad.layer(i, h, gathered)
+                hook = None if ad is None else functools.partial(ad.layer, i, gathered=gathered)
                 # K/V are scaled before write_kv, so the cache holds l_v ⊙ V and is never rescaled
-                h = layer(h, cos_sin, step, k_cache[i], v_cache[i], scales=scales, lora=lora)
+                x, h = layer(x, h, cos_sin, step, k_cache[i], v_cache[i], adapter=hook)
             if step.logit_rows is not None:
-                h = h[step.logit_rows]
-            return self.ops.linear_scale(self.norm(h), self.output.weight).float()
+                x, h = x[step.logit_rows], h[step.logit_rows]
+            return self.ops.linear_scale(self.norm.add(x, h)[0], self.output.weight).float()
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Adopt a Meta-named state dict (tensors are used as given: no copy when dtype matches).
@@ -408,19 +341,7 @@ class Llama(nn.Module):
         sd = dict(state_dict)
         if self.args.tie_embeddings:
             sd.setdefault("output.weight", sd.get("tok_embeddings.weight"))
-        expected = self.state_dict(keep_vars=True)
-        missing = [k for k in expected if sd.get(k) is None]
-        if missing:
-            more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
-            raise ValueError(f"{source}: missing tensor(s) {', '.join(missing[:3])}{more}")
-        unexpected = sorted(set(sd) - set(expected))
-        if unexpected:
-            raise ValueError(f"{source}: unexpected tensor(s) {', '.join(unexpected[:3])}")
-        for k, p in expected.items():
-            if tuple(sd[k].shape) != tuple(p.shape):
-                raise ValueError(
-                    f"{source}: tensor {k} has shape {tuple(sd[k].shape)}, the model args imply {tuple(p.shape)}"
-                )
+        check_tensors(sd, self.state_dict(keep_vars=True), source)
         self.load_state_dict(sd, assign=True)
         if self.args.tie_embeddings:  # assign=True replaced both parameters; tie them again
             self.output.weight = self.tok_embeddings.weight
@@ -440,18 +361,6 @@ class Llama(nn.Module):
         variable PARALLAMA_BACKEND overrides it. `overrides` replace ModelArgs fields (e.g.
         max_seq_len=4096). Returns the model in eval mode with `.tokenizer` and `.args`.
         """
-        from weights import load_checkpoint
+        from weights.build import load_model  # the one place model/ reaches up: files are weights/' job
 
-        backend = resolve_backend(backend, device)  # before the (slow) load: a bad backend answers at once
-
-        ckpt = load_checkpoint(source)
-        args = ckpt.args
-        if overrides:
-            args = ModelArgs.from_dict({**args.to_dict(), **overrides})
-        with torch.device("meta"):
-            model = cls(args, backend=backend)
-        sd = {k: v.to(device=device, dtype=dtype) for k, v in ckpt.state_dict.items()}
-        model.load_weights(sd, source=str(ckpt.path))
-        model.setup_rope(device)
-        model.tokenizer = ckpt.tokenizer
-        return model.eval()
+        return load_model(source, dtype=dtype, device=device, backend=backend, **overrides)

@@ -240,10 +240,18 @@ def tiny_hf_oracle(sd: dict[str, torch.Tensor], n_kv_heads: int = 2):
 
     t = TINY
     config = transformers.LlamaConfig(
-        num_hidden_layers=t["n_layers"], hidden_act="silu", attention_bias=False, mlp_bias=False,
-        vocab_size=t["vocab_size"], hidden_size=t["dim"], intermediate_size=t["hidden_dim"],
-        num_attention_heads=t["n_heads"], num_key_value_heads=n_kv_heads, rms_norm_eps=1e-5,
-        max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        num_hidden_layers=t["n_layers"],
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        vocab_size=t["vocab_size"],
+        hidden_size=t["dim"],
+        intermediate_size=t["hidden_dim"],
+        num_attention_heads=t["n_heads"],
+        num_key_value_heads=n_kv_heads,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         tie_word_embeddings=False,
-    )  # fmt: skip
+    )
     return hf_oracle(sd, config)

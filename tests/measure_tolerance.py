@@ -113,8 +113,15 @@ def _tiny(seed: int, backend: str = "torch"):
 
     s = _tiny_shape(seed)
     sd = random_meta_state_dict(s["dim"], 2, s["n_heads"], s["n_kv_heads"], s["vocab"], s["ffn"], seed)
-    args = ModelArgs(dim=s["dim"], n_layers=2, n_heads=s["n_heads"], n_kv_heads=s["n_kv_heads"],
-                     vocab_size=s["vocab"], hidden_dim=s["ffn"], max_seq_len=96)  # fmt: skip
+    args = ModelArgs(
+        dim=s["dim"],
+        n_layers=2,
+        n_heads=s["n_heads"],
+        n_kv_heads=s["n_kv_heads"],
+        vocab_size=s["vocab"],
+        hidden_dim=s["ffn"],
+        max_seq_len=96,
+    )
     with torch.device("meta"):
         model = Llama(args, backend=backend)
     model.load_weights({k: t.clone() for k, t in sd.items()})
@@ -137,8 +144,8 @@ def _trained(model, config, seed: int, spread: float = 0.3):
 @torch.no_grad()
 def model_path_errors(seed: int) -> Iterator[float]:
     from infer.cache import BlockTable, PagedKVCache
-    from model.llama import AdapterStep
     from model.peft import PARAConfig
+    from model.step import AdapterStep
 
     model, sd = _tiny(seed)
     vocab = model.args.vocab_size
@@ -180,8 +187,8 @@ def oracle_errors(seed: int) -> Iterator[float]:
 
     import peft
 
-    from model.peft import load_adapter
     from tests.helpers import hf_logits, tiny_hf_oracle, tiny_meta_model
+    from weights.adapters import load_adapter
 
     n_kv = (1, 2, 4)[seed % 3]
     model, sd = tiny_meta_model(n_kv, seed=seed)
@@ -252,8 +259,16 @@ def trained_errors(seed: int) -> Iterator[float]:
         _TRAIN_DIR.extend([d, make_tiny_dir(d / "tiny"), write_toy(d / "data")])
     root, tiny, toy = _TRAIN_DIR
     out = root / f"run{seed}"
-    flags = dict(method=("para", "lora", "ia3")[seed % 3], lr=(3e-2, 3e-2, 1e-1)[seed % 3], batch_size=7,
-                 grad_accum=2, epochs=1, eval_every=2, log_every=1, seed=seed)  # fmt: skip
+    flags = dict(
+        method=("para", "lora", "ia3")[seed % 3],
+        lr=(3e-2, 3e-2, 1e-1)[seed % 3],
+        batch_size=7,
+        grad_accum=2,
+        epochs=1,
+        eval_every=2,
+        log_every=1,
+        seed=seed,
+    )
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
     argv += [f"--model={tiny}", f"--train={toy['train']}", f"--dev={toy['dev']}", f"--out={out / 'ddp'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -262,8 +277,16 @@ def trained_errors(seed: int) -> Iterator[float]:
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        finetune(FinetuneConfig(**flags, model=str(tiny), train=str(toy["train"]), dev=str(toy["dev"]),
-                                out=str(out / "one"), progress=False))  # fmt: skip
+        finetune(
+            FinetuneConfig(
+                **flags,
+                model=str(tiny),
+                train=str(toy["train"]),
+                dev=str(toy["dev"]),
+                out=str(out / "one"),
+                progress=False,
+            )
+        )
     finally:
         torch.set_num_threads(n)
     yield _rel(file_dev_losses(out / "ddp" / "best", out / "one" / "best", model_dir=tiny, dev=toy["dev"]))
@@ -362,8 +385,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         errs = [e for seed in range(args.cases) for e in measure(seed)]
         worst = max(errs)
-        print(f"| {kind.name} | {args.cases} | {len(errs)} | {worst:.3g} | {statistics.median(errs):.3g} | "
-              f"{kind.bound:.3g} | {worst / kind.bound:.2f} |", flush=True)  # fmt: skip
+        print(
+            f"| {kind.name} | {args.cases} | {len(errs)} | {worst:.3g} | {statistics.median(errs):.3g} | "
+            f"{kind.bound:.3g} | {worst / kind.bound:.2f} |",
+            flush=True,
+        )
     return 0
 
 

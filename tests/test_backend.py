@@ -11,12 +11,12 @@ import torch
 from infer.cache import BlockTable, PagedKVCache
 from infer.engine import Engine
 from infer.sampling import SamplingParams
-from kernels.ops import get_ops, resolve_backend
+from kernels.ops import Ops, get_ops, resolve_backend
 from model import Llama, ModelArgs
-from model.llama import AdapterStep, scale_columns
 from model.peft import IA3Config, PARAConfig, create_adapter
+from model.step import AdapterStep, scale_columns
 from tests.helpers import random_meta_state_dict
-from tests.tolerance import MODEL_PATH, PATH, assert_close
+from tests.tolerance import MODEL_PATH, PATH, assert_close, assert_far
 
 TRITON = pytest.param(
     "triton",
@@ -161,6 +161,33 @@ def test_blas_linear_is_used_for_inference_and_matches_the_twin(monkeypatch):
     with cpu.single_torch_thread():
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == n
+
+
+def test_every_backend_binds_every_op_of_the_protocol():
+    """Ops is the one list of ops: each backend binds each of them to a callable with the Protocol's parameters."""
+    import inspect
+
+    names = [n for n, f in vars(Ops).items() if not n.startswith("_") and inspect.isfunction(f)]
+    assert {"rms_norm", "add_rms_norm", "linear_scale", "gated_up", "paged_attention", "scope"} <= set(names)
+    for backend in ("torch", "cpu", "triton"):  # triton: its interpreter on CPU (tests/conftest.py)
+        ops = get_ops(backend)
+        assert ops.backend == backend
+        for n in names:
+            want = list(inspect.signature(getattr(Ops, n)).parameters)[1:]  # without self
+            got = list(inspect.signature(getattr(ops, n)).parameters)
+            forward_only = got == ["args", "kwargs"]  # a Triton op that falls back to its twin under autograd
+            assert forward_only or got[: len(want)] == want, (backend, n, got, want)
+
+
+def test_cpu_add_rms_norm_matches_the_twin():
+    from kernels import cpu, reference
+
+    g = torch.Generator().manual_seed(0)
+    x, r, w = torch.randn(3, 5, 100, generator=g), torch.randn(3, 5, 100, generator=g), torch.randn(100, generator=g)
+    (normed, h), (want_normed, want_h) = cpu.add_rms_norm(x, r, w, 1e-5), reference.add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(h, x + r) and torch.equal(want_h, x + r)
+    assert_close(normed, want_normed, PATH)
+    assert_far(normed, reference.rms_norm(x, w, 1e-5), PATH)  # the residual really is added
 
 
 def test_cpu_small_ops_match_the_twins():

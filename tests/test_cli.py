@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from infer.generate import main
+from weights.adapters import save_adapter
 
 
 @pytest.mark.parametrize(
@@ -55,8 +56,8 @@ def test_adapter_per_prompt(tmp_path, capsys, smollm2):
         for layer in lora.layers:
             for ab in layer.values():
                 ab.lora_B.weight.normal_(0, 0.05)
-    para.save(tmp_path / "para")
-    lora.save(tmp_path / "lora")
+    save_adapter(para, tmp_path / "para")
+    save_adapter(lora, tmp_path / "lora")
     prompts = ["The capital of France is", "1, 2, 3,", "Once upon a time"]
     dirs = [str(tmp_path / "para"), "none", str(tmp_path / "lora")]
     argv = ["--json", "--max-new-tokens", "5"]

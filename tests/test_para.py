@@ -122,8 +122,10 @@ def test_para_matches_independent_transformers_implementation(n_kv, adjust, acti
     base_ref = _hf_para_logits(hf, create_adapter(model, PARAConfig(adjust=adjust)), tokens, prompt_lens, n_kv)
     diff = (ours - ref).abs().max().item()
     moved = (ours - base).abs().max().item()
-    print(f"max|Δ PARA logits vs HF| = {diff:.3g}; base vs HF {(base - base_ref).abs().max().item():.3g}; "
-          f"|adapted - base| max {moved:.3g}")  # fmt: skip
+    print(
+        f"max|Δ PARA logits vs HF| = {diff:.3g}; base vs HF {(base - base_ref).abs().max().item():.3g}; "
+        f"|adapted - base| max {moved:.3g}"
+    )
     assert_close(ours, ref, ORACLE)
     assert moved > 1e-2  # the vectors really changed the model: the comparison is not vacuous
     # per-row pooling: row 0 only depends on its own prompt (positions < 5) through its vectors
@@ -182,9 +184,10 @@ def test_num_trainable_closed_form():
     with torch.device("meta"):
         llama2 = Llama(ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000))
         smol = Llama(
-            ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152,
-                      tie_embeddings=True)
-        )  # fmt: skip
+            ModelArgs(
+                dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152, tie_embeddings=True
+            )
+        )
     a = create_adapter(llama2, PARAConfig())
     # per layer: W_down d·r + W_up r·(q + v + u) + b (q + v + u); 7B: q = v = 4096, u = 11008
     assert a.num_trainable() == 32 * (4096 * 12 + 12 * (4096 + 4096 + 11008) + (4096 + 4096 + 11008)) == 9_560_064

@@ -9,8 +9,8 @@ from infer.cache import BlockTable, PagedKVCache
 from infer.engine import Engine
 from infer.sampling import SamplingParams
 from model import Llama, ModelArgs
-from model.llama import AdapterStep
 from model.peft import IA3Config, LoRAConfig, PARAConfig, create_adapter
+from model.step import AdapterStep
 from tests.tolerance import MODEL_PATH, assert_close
 
 

@@ -18,10 +18,10 @@ from model.peft import (
     LoRAConfig,
     PARAConfig,
     create_adapter,
-    load_adapter,
 )
 from tests.helpers import TINY, tiny_hf_oracle, tiny_meta_model
 from tests.tolerance import ORACLE, assert_close
+from weights.adapters import load_adapter, save_adapter
 
 VOCAB = TINY["vocab_size"]
 LORA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -78,8 +78,10 @@ def test_peft_file_loads_into_parallama_with_equal_logits(tmp_path, method, n_kv
         adapter = load_adapter(tmp_path, model)
         ours = model(tokens, adapter=adapter)
     diff, moved = (ours - ref).abs().max().item(), (ours - base).abs().max().item()
-    print(f"{method} {targets}: max|Δ logits vs peft| = {diff:.3g} (max |logit| {ref.abs().max():.3g}), "
-          f"|adapted - base| = {moved:.3g}")  # fmt: skip
+    print(
+        f"{method} {targets}: max|Δ logits vs peft| = {diff:.3g} (max |logit| {ref.abs().max():.3g}), "
+        f"|adapted - base| = {moved:.3g}"
+    )
     assert_close(ours, ref, ORACLE)
     assert moved > 1e-2
 
@@ -89,7 +91,7 @@ def test_parallama_file_loads_into_peft_with_equal_logits(tmp_path, method, n_kv
     model, sd = tiny_meta_model(n_kv)
     adapter = create_adapter(model, _ours_config(method, targets, **kw))
     _randomize_(adapter, seed=2)
-    adapter.save(tmp_path / "a")
+    save_adapter(adapter, tmp_path / "a")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pm = peft.PeftModel.from_pretrained(tiny_hf_oracle(sd, n_kv), tmp_path / "a").eval()
@@ -114,9 +116,10 @@ def test_fresh_adapters_are_the_identity_and_param_counts():
     with torch.device("meta"):
         llama2 = Llama(ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000))
         smol = Llama(
-            ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152,
-                      tie_embeddings=True)
-        )  # fmt: skip
+            ModelArgs(
+                dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152, tie_embeddings=True
+            )
+        )
     # LoRA r on q, v: r·(d + q) + r·(d + v) per layer; (IA)³: k + v + ffn per layer
     assert create_adapter(llama2, LoRAConfig(r=8)).num_trainable() == 32 * 8 * (4096 * 2 + 4096 * 2) == 4_194_304
     assert create_adapter(smol, LoRAConfig(r=8)).num_trainable() == 30 * 8 * (576 + 576 + 576 + 192) == 460_800
@@ -150,9 +153,9 @@ def test_save_is_atomic_and_overwrites(tmp_path):
     model, _ = tiny_meta_model()
     first = create_adapter(model, PARAConfig(r=4))
     _randomize_(first, 4)
-    target = first.save(tmp_path / "x")
+    target = save_adapter(first, tmp_path / "x")
     second = create_adapter(model, PARAConfig(r=4))
-    second.save(target)  # overwrite in place: the new pair replaces the old
+    save_adapter(second, target)  # overwrite in place: the new pair replaces the old
     assert sorted(os.listdir(tmp_path)) == ["x"]  # no temp dirs left behind
     assert sorted(os.listdir(target)) == ["adapter_config.json", "adapter_model.safetensors"]
     loaded = load_adapter(target, model)
@@ -162,9 +165,43 @@ def test_save_is_atomic_and_overwrites(tmp_path):
     assert len(cfg["base_model"]["weights_sha256"]) == 16
 
 
+def test_save_swaps_the_directory_whole_and_never_takes_other_files(tmp_path, monkeypatch):
+    from weights import io
+
+    model, _ = tiny_meta_model()
+    old, new = create_adapter(model, PARAConfig(r=4)), create_adapter(model, PARAConfig(r=4))
+    _randomize_(old, 5)
+    target = save_adapter(old, tmp_path / "x")
+    # a crash between the swap's two renames leaves only `.x.old`: loading `x` finds the previous pair whole
+    real_replace = os.replace
+    calls = []
+
+    def crash_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("power cut")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", crash_on_second)
+    with pytest.raises(OSError, match="power cut"):
+        save_adapter(new, target)
+    monkeypatch.undo()
+    assert not target.exists() and (tmp_path / ".x.old").is_dir()
+    loaded = load_adapter(target, model)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), old.state_dict().values()))
+    save_adapter(new, target)  # the next save completes, and only then drops the leftover
+    assert sorted(os.listdir(tmp_path)) == ["x"]
+    # a directory with other files in it is refused, and the files stay
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(AdapterError, match="holds other files .*notes.txt"):
+        save_adapter(new, tmp_path / "run")
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
 def test_fingerprint_survives_dtype_but_not_other_weights(tmp_path):
     model, _ = tiny_meta_model()
-    create_adapter(model, IA3Config()).save(tmp_path / "a")
+    save_adapter(create_adapter(model, IA3Config()), tmp_path / "a")
     bf16 = tiny_meta_model()[0].to(torch.bfloat16)
     assert load_adapter(tmp_path / "a", bf16).layers[0]["k_proj"].dtype == torch.bfloat16
     other, _ = tiny_meta_model(seed=5)  # same shape, other weights
@@ -214,11 +251,11 @@ def _corrupt(path, how):
         "unexpected-tensor",
         "bad-target",
         "bad-r",
-    ],  # fmt: skip
+    ],
 )
 def test_bad_adapter_files_give_one_line_errors(tmp_path, edit, match):
     model, _ = tiny_meta_model()
-    d = create_adapter(model, LoRAConfig(r=4)).save(tmp_path / "lora")
+    d = save_adapter(create_adapter(model, LoRAConfig(r=4)), tmp_path / "lora")
     edit(d)
     with pytest.raises(AdapterError, match=match) as e:
         load_adapter(d, model)

@@ -55,10 +55,13 @@ def test_medians_table_and_wins():
     assert para_wins(cells, ["boolq", "copa"]) == []
     assert para_wins({"para": {"copa": {"median": 0.7}}, "lora": {"copa": {"median": 0.7}}}, ["copa"]) == ["copa"]
     summary = {
-        "tasks": ["boolq", "copa"], "seeds": 3, "methods": ["para", "lora"], "cells": cells,
+        "tasks": ["boolq", "copa"],
+        "seeds": 3,
+        "methods": ["para", "lora"],
+        "cells": cells,
         "zero_shot": {"boolq": 0.25, "copa": 0.5},
         "budgets": {"para": {"r": 12, "params": 1105920}, "lora": {"r": 19, "params": 1094400}},
-    }  # fmt: skip
+    }
     table = format_table(summary).splitlines()
     assert table[0] == "| Method | #Params | BoolQ | COPA |"
     assert table[2] == "| base (zero-shot) | 0 | 25.0 | 50.0 |"
@@ -69,10 +72,30 @@ def test_medians_table_and_wins():
 def test_end_to_end_and_resume(tiny_dir, tmp_path, capsys):
     out = tmp_path / "suite"
     argv = [
-        "--model", str(tiny_dir), "--methods", "para,ia3", "--tasks", "boolq", "--seeds", "1", "--out", str(out),
-        "--n-train", "12", "--n-dev", "4", "--n-test", "3", "--max-steps", "2", "--batch-size", "4",
-        "--eval-every", "1", "--no-progress",
-    ]  # fmt: skip
+        "--model",
+        str(tiny_dir),
+        "--methods",
+        "para,ia3",
+        "--tasks",
+        "boolq",
+        "--seeds",
+        "1",
+        "--out",
+        str(out),
+        "--n-train",
+        "12",
+        "--n-dev",
+        "4",
+        "--n-test",
+        "3",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "1",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     first = capsys.readouterr()
     summary = json.loads((out / "suite.json").read_text())

@@ -116,8 +116,9 @@ def test_model_path_control_para_scale_on_the_wrong_head():
     lens = torch.tensor([6, 11])
     para = _nearly_identity(model, PARAConfig(), spread=0.05)
     want = model(tokens, adapter=para, prompt_lens=lens)
-    assert_close(torch.cat([model(t[None], adapter=para, prompt_lens=n[None]) for t, n in zip(tokens, lens)]),
-                 want, MODEL_PATH)  # fmt: skip
+    assert_close(
+        torch.cat([model(t[None], adapter=para, prompt_lens=n[None]) for t, n in zip(tokens, lens)]), want, MODEL_PATH
+    )
     hd = model.args.dim // model.args.n_heads
     _misapplied(para, lambda s: {**s, "q": s["q"].roll(hd, -1)})
     assert_far(model(tokens, adapter=para, prompt_lens=lens), want, MODEL_PATH)

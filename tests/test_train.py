@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from model import Llama
-from model.peft import LoRAConfig, PARAConfig, create_adapter, load_adapter
+from model.peft import LoRAConfig, PARAConfig, create_adapter
 from tests.helpers import WORDS, random_meta_state_dict, train_sentencepiece, write_meta_dir
 from tests.tolerance import MODEL_PATH, approx
 from train import checkpoint
@@ -30,6 +30,7 @@ from train.finetune import (
     linear_schedule,
     main,
 )
+from weights.adapters import load_adapter
 
 TINY_PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32, "max_seq_len": 64}
 
@@ -409,8 +410,12 @@ def test_cli_trains_and_writes_its_outputs(tiny_dir, toy, tmp_path, capsys):
     assert result["method"] == "ia3" and result["steps"] == 3 and result["test_metric"] == "exact_match"
     assert result["improved"] is True and result["diverged"] is False
     assert sorted(p.name for p in out.iterdir()) == [
-        "best", "last", "metrics.jsonl", "result.json", "test_predictions.jsonl"
-    ]  # fmt: skip
+        "best",
+        "last",
+        "metrics.jsonl",
+        "result.json",
+        "test_predictions.jsonl",
+    ]
     assert "ia3: 512 trainable parameters, 3 steps" in err
 
 
@@ -503,8 +508,9 @@ def test_divergence_dev_loss_above_initial(tiny, tiny_dir, toy, tmp_path, capsys
 
     log = (out / "metrics.jsonl").read_text()
     code, stdout, err = run_cli(argv + ["--no-progress", "--resume"], capsys)  # same lr: it would diverge again
-    assert code == EXIT_DIVERGED and divergence_lines(err) == [f"train.finetune: diverged at step 10 ({reason}) "
-                                                                "with lr 1; try --lr 0.3"]  # fmt: skip
+    assert code == EXIT_DIVERGED and divergence_lines(err) == [
+        f"train.finetune: diverged at step 10 ({reason}) with lr 1; try --lr 0.3"
+    ]
     assert (out / "metrics.jsonl").read_text() == log and json.loads(stdout)["steps"] == 10
 
 

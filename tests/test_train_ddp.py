@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 from model import Llama
-from model.peft import load_adapter
 from tests import tolerance
 from tests.test_train import make_tiny_dir, write_toy
 from train.data import load_dataset
 from train.ddp import World
 from train.evaluate import dev_loss
 from train.finetune import FinetuneConfig, finetune
+from weights.adapters import load_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +34,12 @@ def test_two_gloo_processes_equal_one(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train.finetune"]
     proc = subprocess.run(
         cmd + argv + [f"--out={tmp_path / 'ddp'}", "--no-progress"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-12000:]
     ddp = json.loads(proc.stdout.strip().splitlines()[-1])  # rank 0 prints the result
     assert ddp["world_size"] == 2 and ddp["steps"] == 5
@@ -44,9 +48,14 @@ def test_two_gloo_processes_equal_one(tmp_path):
     torch.set_num_threads(1)
     try:
         cfg = FinetuneConfig(
-            **flags, model=str(tiny), train=str(toy["train"]), dev=str(toy["dev"]), test=str(toy["test"]),
-            out=str(tmp_path / "one"), progress=False,
-        )  # fmt: skip
+            **flags,
+            model=str(tiny),
+            train=str(toy["train"]),
+            dev=str(toy["dev"]),
+            test=str(toy["test"]),
+            out=str(tmp_path / "one"),
+            progress=False,
+        )
         one = finetune(cfg)
     finally:
         torch.set_num_threads(n)

@@ -42,15 +42,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from infer.cli import EXIT_BAD_INPUT, ArgumentParser
 from train import checkpoint
 from train.data import DataError, Dataset, collate, length_grouped_batches, load_dataset, read_jsonl
 from train.ddp import World, setup
 from train.evaluate import Metric, autocast, batch_loss, dev_loss, exact_match, generate
-from weights.tokenizer import _atomic_write as atomic_write  # the project's one atomic file writer
+from weights.adapters import load_adapter, save_adapter
+from weights.io import atomic_write
 
 METHODS = ("para", "lora", "ia3")
 DEFAULT_RANK = {"para": 12, "lora": 8}
-EXIT_BAD_INPUT = 2  # a bad flag, file or setting (argparse's own code)
 EXIT_DIVERGED = 3
 EXIT_NO_IMPROVEMENT = 4  # no step beat the untrained adapter's dev loss: best/ is that adapter
 
@@ -114,9 +115,27 @@ class FinetuneConfig:
 
 
 # settings that shape the training trajectory: a resumed run must share them
-TRAJECTORY = ("method", "chat", "r", "lora_alpha", "lora_dropout", "lora_targets", "lr", "weight_decay",
-              "warmup_ratio", "epochs", "batch_size", "grad_accum", "max_grad_norm", "max_steps", "eval_every",
-              "patience", "eval_batch_size", "max_len", "seed")  # fmt: skip
+TRAJECTORY = (
+    "method",
+    "chat",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+    "lr",
+    "weight_decay",
+    "warmup_ratio",
+    "epochs",
+    "batch_size",
+    "grad_accum",
+    "max_grad_norm",
+    "max_steps",
+    "eval_every",
+    "patience",
+    "eval_batch_size",
+    "max_len",
+    "seed",
+)
 
 
 @dataclass
@@ -337,7 +356,7 @@ class _Run:
             if best:
                 st.best_dev_loss, st.best_step, st.bad_evals = loss, st.step, 0
                 if world.is_main:
-                    adapter.save(self.out / "best")
+                    save_adapter(adapter, self.out / "best")
             else:
                 st.bad_evals += 1
                 st.stopped_early = st.bad_evals >= c.patience
@@ -346,8 +365,9 @@ class _Run:
                 if not math.isfinite(loss):
                     st.diverged = f"dev loss {loss}"
                 elif st.rising_evals >= c.diverge_patience:
-                    st.diverged = (f"dev loss {loss:.4g} > initial {st.initial_dev_loss:.4g} "
-                                   f"for {st.rising_evals} evaluations")  # fmt: skip
+                    st.diverged = (
+                        f"dev loss {loss:.4g} > initial {st.initial_dev_loss:.4g} for {st.rising_evals} evaluations"
+                    )
             log(event="eval", step=st.step, dev_loss=loss, best=best)
             save_last()
 
@@ -389,19 +409,32 @@ class _Run:
         bar.close()
 
         result = FinetuneResult(
-            out=str(self.out), method=c.method, num_trainable=adapter.num_trainable(), steps=st.step,
-            total_steps=total, initial_dev_loss=st.initial_dev_loss, best_dev_loss=st.best_dev_loss,
-            best_step=st.best_step, stopped_early=st.stopped_early, interrupted=interrupted,
-            train_seconds=st.train_seconds, tokens_per_second=st.train_tokens / max(st.train_seconds, 1e-9),
-            world_size=world.size, diverged=st.diverged is not None, diverge_reason=st.diverged,
+            out=str(self.out),
+            method=c.method,
+            num_trainable=adapter.num_trainable(),
+            steps=st.step,
+            total_steps=total,
+            initial_dev_loss=st.initial_dev_loss,
+            best_dev_loss=st.best_dev_loss,
+            best_step=st.best_step,
+            stopped_early=st.stopped_early,
+            interrupted=interrupted,
+            train_seconds=st.train_seconds,
+            tokens_per_second=st.train_tokens / max(st.train_seconds, 1e-9),
+            world_size=world.size,
+            diverged=st.diverged is not None,
+            diverge_reason=st.diverged,
             improved=st.best_step > 0,
-        )  # fmt: skip
+        )
         if st.diverged:
-            self.say(f"train.finetune: diverged at step {st.step} ({st.diverged}) with lr {c.lr:g}; "
-                     f"try --lr {c.lr / 3:.1g}")  # fmt: skip
+            self.say(
+                f"train.finetune: diverged at step {st.step} ({st.diverged}) with lr {c.lr:g}; try --lr {c.lr / 3:.1g}"
+            )
         elif not result.improved and not interrupted:
-            self.say(f"train.finetune: no improvement: no step beat the initial dev loss {st.initial_dev_loss:.4g} "
-                     "(best/ is the untrained adapter)")  # fmt: skip
+            self.say(
+                f"train.finetune: no improvement: no step beat the initial dev loss {st.initial_dev_loss:.4g} "
+                "(best/ is the untrained adapter)"
+            )
         if self.test_set is not None and not interrupted:
             result.test_metric = getattr(self.metric, "__name__", "metric")
             result.test_score, result.n_test = self._test(), len(self.test_set)
@@ -442,7 +475,6 @@ class _Run:
 
     def _test(self) -> float:
         """Beam-search the best adapter on the test prompts and score with the metric; writes test_predictions.jsonl."""
-        from model.peft import load_adapter
 
         c, world, data = self.c, self.world, self.test_set
         assert data is not None
@@ -450,9 +482,14 @@ class _Run:
         best = load_adapter(self.out / "best", self.model)
         max_new = c.max_new_tokens or max(e.n_targets for e in data.examples)
         texts = generate(
-            self.model, best, data, max_new_tokens=max_new, beams=c.beams,
-            batch_size=c.eval_batch_size or c.batch_size, world=world,
-        )  # fmt: skip
+            self.model,
+            best,
+            data,
+            max_new_tokens=max_new,
+            beams=c.beams,
+            batch_size=c.eval_batch_size or c.batch_size,
+            world=world,
+        )
         scores = [float(self.metric(t, e.record)) for t, e in zip(texts, data.examples)]
         if world.is_main:
             with (self.out / "test_predictions.jsonl").open("w") as f:
@@ -463,14 +500,9 @@ class _Run:
 
 
 # ---- command line -------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints the usage too)
-        self.exit(EXIT_BAD_INPUT, f"error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = FinetuneConfig("", "", "")
-    p = _Parser(prog="python -m train.finetune", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m train.finetune", description=__doc__.splitlines()[0])
     a = p.add_argument
     a("--model", default=d.model, help="'default' (SmolLM2-135M-Instruct), a .gguf file, a Meta or an HF directory")
     a("--method", default=d.method, help="para | lora | ia3")
@@ -493,8 +525,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-steps", type=int, help="cap on optimizer steps (sets the schedule's length)")
     a("--eval-every", type=int, default=d.eval_every, help="optimizer steps between dev evaluations")
     a("--patience", type=int, default=d.patience, help="evals without dev improvement before stopping")
-    a("--diverge-patience", type=int, default=d.diverge_patience,
-      help="evals in a row with dev loss above the initial one before stopping as diverged (exit 3)")  # fmt: skip
+    a(
+        "--diverge-patience",
+        type=int,
+        default=d.diverge_patience,
+        help="evals in a row with dev loss above the initial one before stopping as diverged (exit 3)",
+    )
     a("--eval-batch-size", type=int)
     a("--max-len", type=int, help="max tokens per example (default: the model's context); longer: response cut")
     a("--max-new-tokens", type=int, help="test generation budget (default: longest test response)")

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from infer.cli import ArgumentParser
 from train.data import load_dataset
 from train.finetune import DEFAULT_RANK, METHODS, FinetuneConfig, FinetuneResult, finetune
 from train.tasks import TASKS, Task
@@ -43,8 +44,20 @@ ZERO_SHOT_SLACK = 8  # extra new tokens the base model gets over the longest tes
 LABELS = {"para": "PARA", "lora": "LoRA", "ia3": "(IA)³", "base": "base (zero-shot)"}
 TASK_LABELS = {"hsm": "HSM", "q2sql": "Q2SQL", "squad": "SQuAD", "boolq": "BoolQ", "copa": "COPA"}
 FINETUNE_KEYS = {f.name for f in dataclasses.fields(FinetuneConfig)} - {
-    "train", "dev", "test", "out", "model", "method", "chat", "r", "seed", "beams", "resume", "stop_after", "progress"
-}  # fmt: skip
+    "train",
+    "dev",
+    "test",
+    "out",
+    "model",
+    "method",
+    "chat",
+    "r",
+    "seed",
+    "beams",
+    "resume",
+    "stop_after",
+    "progress",
+}
 
 
 class SuiteError(ValueError):
@@ -94,8 +107,13 @@ def prepare_data(config: SuiteConfig) -> dict[str, dict[str, Path]]:
     paths = {}
     for name in config.tasks:
         d = out / "data" / name
-        meta = {"task": name, "seed": config.data_seed, "n_train": config.n_train, "n_dev": config.n_dev,
-                "n_test": config.n_test}  # fmt: skip
+        meta = {
+            "task": name,
+            "seed": config.data_seed,
+            "n_train": config.n_train,
+            "n_dev": config.n_dev,
+            "n_test": config.n_test,
+        }
         split_paths = {s: d / f"{s}.jsonl" for s in ("train", "dev", "test")}
         meta_path = d / "meta.json"
         if (
@@ -120,8 +138,14 @@ def check_settings(config: SuiteConfig) -> None:
     """Record the result-shaping settings in OUT/settings.json on the first invocation; refuse other ones later."""
     path = Path(config.out) / "settings.json"
     finetune_args = {k: v for k, v in sorted(config.finetune.items()) if k not in NEUTRAL}
-    settings = {"model": config.model, "chat": config.chat, "beams": config.beams, "para_r": config.para_r,
-                "lora_r": config.lora_r, "finetune": finetune_args}  # fmt: skip
+    settings = {
+        "model": config.model,
+        "chat": config.chat,
+        "beams": config.beams,
+        "para_r": config.para_r,
+        "lora_r": config.lora_r,
+        "finetune": finetune_args,
+    }
     settings = json.loads(json.dumps(settings))  # tuples as lists, as read back
     if not path.exists():
         path.write_text(json.dumps(settings, indent=2) + "\n")
@@ -180,10 +204,20 @@ def train_one(
         return result | {"skipped": True}
     print(f"run {task}/{method}/seed{seed} -> {out}", file=sys.stderr)
     fc = FinetuneConfig(
-        train=str(paths["train"]), dev=str(paths["dev"]), test=str(paths["test"]), out=str(out),
-        model=config.model, method=method, chat=config.chat, r=rank, seed=seed, beams=config.beams,
-        resume=(out / "last").exists(), progress=config.progress, **config.finetune,
-    )  # fmt: skip
+        train=str(paths["train"]),
+        dev=str(paths["dev"]),
+        test=str(paths["test"]),
+        out=str(out),
+        model=config.model,
+        method=method,
+        chat=config.chat,
+        r=rank,
+        seed=seed,
+        beams=config.beams,
+        resume=(out / "last").exists(),
+        progress=config.progress,
+        **config.finetune,
+    )
     t0 = time.perf_counter()
     result: FinetuneResult = finetune(fc, model=model, metric=TASKS[task].metric)
     wall = time.perf_counter() - t0
@@ -218,8 +252,12 @@ def zero_shot(
         out.mkdir(parents=True, exist_ok=True)
         with (out / "predictions.jsonl").open("w") as f:
             for t, s, e in zip(texts, scores, data.examples):
-                f.write(json.dumps({"prompt": e.record["prompt"], "response": e.record["response"],
-                                    "prediction": t, "score": s}) + "\n")  # fmt: skip
+                f.write(
+                    json.dumps(
+                        {"prompt": e.record["prompt"], "response": e.record["response"], "prediction": t, "score": s}
+                    )
+                    + "\n"
+                )
     return sum(scores) / len(scores)
 
 
@@ -362,14 +400,24 @@ def run_suite(config: SuiteConfig, model: Any = None, command: str | None = None
     cells = medians(runs)
     summary = {
         "command": command,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
         "config": dataclasses.asdict(config),
-        "methods": list(config.methods), "tasks": list(config.tasks), "seeds": config.seeds,
-        "budgets": budgets, "zero_shot": zero, "cells": cells, "runs": runs,
+        "methods": list(config.methods),
+        "tasks": list(config.tasks),
+        "seeds": config.seeds,
+        "budgets": budgets,
+        "zero_shot": zero,
+        "cells": cells,
+        "runs": runs,
         "para_wins": para_wins(cells, list(config.tasks)),
-    }  # fmt: skip
+    }
     summary["table"] = format_table(summary)
     (out / "suite.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     (out / "table.md").write_text(summary["table"])
@@ -378,14 +426,9 @@ def run_suite(config: SuiteConfig, model: Any = None, command: str | None = None
 
 
 # ---- command line ---------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = SuiteConfig("")
-    p = _Parser(prog="python -m train.suite", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m train.suite", description=__doc__.splitlines()[0])
     a = p.add_argument
     a("--methods", default=",".join(METHODS), help="comma-separated: para,lora,ia3")
     a("--tasks", default="all", help=f"'all' or comma-separated: {','.join(TASKS)}")
@@ -407,10 +450,23 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-zero-shot", dest="zero_shot", action="store_false", help="skip the base-model row")
     a("--no-progress", dest="progress", action="store_false")
     ft = p.add_argument_group("fine-tuning (passed to train.finetune)")
-    for flag, kind in (("max-steps", int), ("epochs", int), ("batch-size", int), ("grad-accum", int), ("lr", float),
-                       ("eval-every", int), ("patience", int), ("eval-batch-size", int), ("max-len", int),
-                       ("max-new-tokens", int), ("lora-alpha", float), ("lora-dropout", float),
-                       ("weight-decay", float), ("warmup-ratio", float), ("device", str)):  # fmt: skip
+    for flag, kind in (
+        ("max-steps", int),
+        ("epochs", int),
+        ("batch-size", int),
+        ("grad-accum", int),
+        ("lr", float),
+        ("eval-every", int),
+        ("patience", int),
+        ("eval-batch-size", int),
+        ("max-len", int),
+        ("max-new-tokens", int),
+        ("lora-alpha", float),
+        ("lora-dropout", float),
+        ("weight-decay", float),
+        ("warmup-ratio", float),
+        ("device", str),
+    ):
         ft.add_argument(f"--{flag}", type=kind)
     ft.add_argument("--lora-targets", help="comma-separated projections (default q_proj,v_proj)")
     return p

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from weights.adapters import load_adapter, save_adapter
 from weights.common import Checkpoint, CheckpointError
 
 
@@ -33,4 +34,4 @@ def load_checkpoint(source: str | os.PathLike[str]) -> Checkpoint:
     )
 
 
-__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "load_adapter", "load_checkpoint", "save_adapter"]

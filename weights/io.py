@@ -50,12 +50,12 @@ def atomic_dir(target: str | os.PathLike[str], write: Callable[[Path], None]) ->
         write(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700
         old = _old(target)
-        shutil.rmtree(old, ignore_errors=True)
         if target.exists():
             if not target.is_dir():
                 raise NotADirectoryError(f"{target}: exists and is not a directory")
+            shutil.rmtree(old, ignore_errors=True)  # stale: the target is whole
             os.replace(target, old)
-        os.replace(tmp, target)
+        os.replace(tmp, target)  # only now may a leftover .old (the last whole copy after a crash) go
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -78,8 +78,10 @@ def read_json(path: str | os.PathLike[str], error: Callable[[str], Exception] = 
         value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise error(f"{path}: not found") from None
-    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
-        raise error(f"{path}: not readable JSON ({_first_line(e)})") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({brief(e)})") from None
+    except ValueError as e:  # bad JSON, or bytes that are not UTF-8
+        raise error(f"{path}: not valid JSON ({brief(e)})") from None
     if not isinstance(value, dict):
         raise error(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
@@ -88,12 +90,13 @@ def read_json(path: str | os.PathLike[str], error: Callable[[str], Exception] = 
 def read_jsonl(
     path: str | os.PathLike[str],
     error: Callable[[str], Exception] = ValueError,
-    check: Callable[[dict[str, Any]], None] | None = None,
+    check: Callable[[Any], None] | None = None,
     skip_bad: bool = False,
+    hint: str = "",
 ) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
     """([("PATH:LINE", object)], [messages of skipped lines]) for the non-blank lines of a JSON Lines file.
-    A line that is not UTF-8 JSON of an object, or that `check(obj)` rejects with a ValueError, raises
-    error("PATH:LINE: what is wrong"), or is skipped and reported when `skip_bad`."""
+    A line that is not UTF-8 JSON, or not an object (or that `check(value)`, when given, rejects with a
+    ValueError), raises error("PATH:LINE: what is wrong" + hint), or is skipped and reported when `skip_bad`."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: {'not a file' if path.exists() else 'no such file'}")
@@ -103,21 +106,34 @@ def read_jsonl(
         for n, raw in enumerate(f, start=1):
             where = f"{path}:{n}"
             try:
-                line = raw.decode("utf-8").strip()
-                if not line:
+                value = _parse_line(raw)
+                if value is None:
                     continue
-                value = json.loads(line)
-                if not isinstance(value, dict):
-                    raise ValueError(f"expected a JSON object, got {type(value).__name__}")
                 if check is not None:
                     check(value)
-            except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                elif not isinstance(value, dict):
+                    raise ValueError(f"expected a JSON object, got {type(value).__name__}")
+            except ValueError as e:
                 if not skip_bad:
-                    raise error(f"{where}: {brief(e)}") from None
-                skipped.append(f"{where}: {brief(e)}")
+                    raise error(f"{where}: {brief(e, 200)}{hint}") from None
+                skipped.append(f"{where}: {brief(e, 200)}")
                 continue
             rows.append((where, value))
     return rows, skipped
+
+
+def _parse_line(raw: bytes) -> Any:
+    """One line's JSON value, None for a blank line; a ValueError says what is wrong."""
+    try:
+        line = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not valid UTF-8 ({e})") from None
+    if not line:
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e})") from None
 
 
 def brief(e: BaseException, limit: int = 80) -> str:

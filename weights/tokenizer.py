@@ -11,10 +11,11 @@ import itertools
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from weights.io import atomic_write
 
 if TYPE_CHECKING:
     import tokenizers
@@ -288,19 +289,6 @@ def _id_list(value: Any) -> list[int]:
     return [v for v in value if isinstance(v, int)] if isinstance(value, list) else []
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    # Concurrent readers see the old file or the new one, never a partial write.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary cache files
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _spm_merges(tokens: list[str], scores: list[float], types: list[int] | None) -> list[tuple[str, str]]:
     """BPE merges implied by a sentencepiece BPE vocab: every split of each normal piece into two vocab pieces,
     ranked by the piece's score (sentencepiece merges the highest-scoring pair first)."""
@@ -476,7 +464,7 @@ class HFTokenizer(Tokenizer):
         """Write `tokenizer.json` + `parallama_tokenizer.json` (each atomically) for `load_saved`."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_write(d / "tokenizer.json", self.tokenizer.to_str())
+        atomic_write(d / "tokenizer.json", self.tokenizer.to_str())
         extra = {
             "bos_id": self.bos_id,
             "eos_id": self.eos_id,
@@ -485,7 +473,7 @@ class HFTokenizer(Tokenizer):
             "chat_template": self.chat_template,
             "segment_prefix": self.segment_prefix,
         }
-        _atomic_write(d / "parallama_tokenizer.json", json.dumps(extra, ensure_ascii=False, indent=1))
+        atomic_write(d / "parallama_tokenizer.json", json.dumps(extra, ensure_ascii=False, indent=1))
 
     @classmethod
     def load_saved(cls, directory: str | os.PathLike[str]) -> HFTokenizer:

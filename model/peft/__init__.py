@@ -1,12 +1,13 @@
 """Parameter-efficient adapters for `model.Llama`: PARA, (IA)³ and LoRA behind one interface.
 
-from model.peft import PARAConfig, IA3Config, LoRAConfig, create_adapter, load_adapter
+from model.peft import PARAConfig, IA3Config, LoRAConfig, create_adapter
 adapter = create_adapter(model, PARAConfig(r=12))
 logits = model(tokens, adapter=adapter, prompt_lens=prompt_lens)
-adapter.save("my-adapter"); adapter = load_adapter("my-adapter", model)
+from weights import save_adapter, load_adapter  # files are weights/' job
+save_adapter(adapter, "my-adapter"); adapter = load_adapter("my-adapter", model)
 """
 
-from model.peft.adapters import create_adapter, load_adapter, model_fingerprint, save_adapter
+from model.peft.adapters import create_adapter, model_fingerprint
 from model.peft.base import Adapter, AdapterError
 from model.peft.ia3 import IA3Adapter, IA3Config
 from model.peft.lora import LoRAAdapter, LoRAConfig
@@ -22,7 +23,5 @@ __all__ = [
     "PARAAdapter",
     "PARAConfig",
     "create_adapter",
-    "load_adapter",
     "model_fingerprint",
-    "save_adapter",
 ]

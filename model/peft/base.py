@@ -8,16 +8,24 @@ method (PARA) come from the layer's input at each row's last prompt token; the o
 
 from __future__ import annotations
 
-import os
 from abc import ABCMeta, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn as nn
 
 from model.args import ModelArgs
-from model.llama import LoRADelta
+
+
+class LoRADelta(NamedTuple):
+    """An unmerged low-rank update of one projection: y[rows] += dropout(x[rows]) @ aᵀ @ bᵀ · scaling."""
+
+    a: torch.Tensor  # (r, in)
+    b: torch.Tensor  # (out, r)
+    scaling: float
+    rows: torch.Tensor | None = None  # packed rows this adapter owns (None: every row)
+    dropout: float = 0.0  # training-time dropout on the LoRA input
 
 
 class AdapterError(ValueError):
@@ -78,9 +86,3 @@ class Adapter(nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def load_file_tensors(self, tensors: dict[str, torch.Tensor], where: Path) -> None:
         """Adopt tensors in file layout; names and shapes were checked against `file_tensors()`."""
-
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write adapter_model.safetensors + adapter_config.json into `directory`, atomically."""
-        from model.peft.adapters import save_adapter
-
-        return save_adapter(self, directory)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from model import hf_layout
 from model.args import ModelArgs
 
 PREFIX = "base_model.model.model.layers"
@@ -48,19 +49,13 @@ def _rotary_heads(args: ModelArgs, module: str) -> int | None:
 def rows_to_hf(t: torch.Tensor, args: ModelArgs, module: str) -> torch.Tensor:
     """Output rows of `module` (dim 0 of t) from Meta's interleaved pairs to HF's rotate-half order."""
     heads = _rotary_heads(args, module)
-    if heads is None:
-        return t
-    hd = args.head_dim
-    return t.reshape(heads, hd // 2, 2, -1).transpose(1, 2).reshape(t.shape)
+    return t if heads is None else hf_layout.rows_to_hf(t, heads)
 
 
 def rows_from_hf(t: torch.Tensor, args: ModelArgs, module: str) -> torch.Tensor:
     """Inverse of `rows_to_hf`."""
     heads = _rotary_heads(args, module)
-    if heads is None:
-        return t
-    hd = args.head_dim
-    return t.reshape(heads, 2, hd // 2, -1).transpose(1, 2).reshape(t.shape)
+    return t if heads is None else hf_layout.rows_from_hf(t, heads)
 
 
 def target_list(value: object, allowed: tuple[str, ...], field: str) -> tuple[str, ...]:

@@ -15,13 +15,22 @@ import torch
 import torch.nn as nn
 
 from model.args import ModelArgs
-from model.llama import LoRADelta
-from model.peft.base import Adapter, AdapterError
+from model.peft.base import Adapter, AdapterError, LoRADelta
 from model.peft.layout import MODULES, in_out, peft_key, rows_from_hf, rows_to_hf, target_list
 
 # peft config fields whose non-default values change the math in ways this implementation does not do
-_UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora", "fan_in_fan_out", "modules_to_save", "layers_to_transform",
-                "rank_pattern", "alpha_pattern", "trainable_token_indices", "layer_replication")  # fmt: skip
+_UNSUPPORTED = (
+    "use_dora",
+    "lora_bias",
+    "use_qalora",
+    "fan_in_fan_out",
+    "modules_to_save",
+    "layers_to_transform",
+    "rank_pattern",
+    "alpha_pattern",
+    "trainable_token_indices",
+    "layer_replication",
+)
 
 
 @dataclass

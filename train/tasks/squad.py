@@ -38,14 +38,15 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def exact_match(prediction: str, gold: str) -> float:
+def normalized_exact_match(prediction: str, gold: str) -> float:
+    """SQuAD's EM: equal after normalize_answer (lower case, no punctuation, articles or extra spaces)."""
     return float(normalize_answer(prediction) == normalize_answer(gold))
 
 
 def f1_em(prediction: str, record: Record) -> float:
     """(token F1 + exact match) / 2 against `record["answer"]` (else the response)."""
     gold = record.get("answer", record["response"])
-    return (token_f1(prediction, gold) + exact_match(prediction, gold)) / 2
+    return (token_f1(prediction, gold) + normalized_exact_match(prediction, gold)) / 2
 
 
 class Squad(Task):

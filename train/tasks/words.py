@@ -24,10 +24,25 @@ ANIMALS = "cat dog rabbit horse parrot hamster turtle goat".split()
 INSTRUMENTS = "piano violin guitar drums flute cello trumpet harp".split()
 
 PRODUCTS = (
-    "fresh bread", "wooden toys", "solar panels", "green tea", "running shoes", "paper maps", "garden tools",
-    "wool hats", "glass bottles", "red wine", "video games", "silver rings", "cheap phones", "warm blankets",
-    "fishing boats", "school books", "olive oil", "steel pipes",
-)  # fmt: skip
+    "fresh bread",
+    "wooden toys",
+    "solar panels",
+    "green tea",
+    "running shoes",
+    "paper maps",
+    "garden tools",
+    "wool hats",
+    "glass bottles",
+    "red wine",
+    "video games",
+    "silver rings",
+    "cheap phones",
+    "warm blankets",
+    "fishing boats",
+    "school books",
+    "olive oil",
+    "steel pipes",
+)
 
 COMPANY_FIRST = "Blue Red Green Silver Golden North South East West Bright Happy Quiet Royal Swift".split()
 COMPANY_SECOND = "River Hill Stone Lake Star Moon Oak Pine Bridge Field Cloud Tower".split()
