@@ -31,6 +31,7 @@ setup(
             "peft>=0.13",
             "accelerate>=1.0",
             "ruff>=0.6",
+            "import-linter>=2.1",  # the layering contract in pyproject.toml (make lint)
         ],
     },
 )
