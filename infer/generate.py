@@ -2,8 +2,9 @@
 
 Several --prompt are batched together in one engine. One prompt streams to the terminal as it is
 generated; several are printed as each finishes. --json prints one object per prompt.
-With --prompt-pool FILE --matcher DIR [--shots M], a trained PILLOW matcher (train/pillow.py) picks M exemplars
-from the pool for each prompt (greedily) and prepends them; --json then adds "exemplars" (their pool lines, 0-based).
+With --prompt-pool FILE --matcher DIR [--shots M], a PILLOW matcher (infer/pillow/, trained by train.pillow) picks
+M exemplars from the pool for each prompt (greedily) and prepends them; --json then adds "exemplars" (their pool
+lines, 0-based).
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -19,8 +18,9 @@ import torch.nn.functional as F
 from kernels import reference
 from kernels.ops import TORCH_OPS, Ops, get_ops
 from model.args import ModelArgs
-from model.checks import check_tensors
+from model.checks import check_adapter, check_prompt_lens, check_tensors
 from model.peft.base import Adapter, LoRADelta
+from model.stacked import stacked_weight
 from model.step import StepBatch
 
 AdapterLayer = tuple[dict[str, torch.Tensor] | None, dict[str, list[LoRADelta]] | None]  # scales, LoRA
@@ -65,7 +65,7 @@ class Attention(nn.Module):
         self.split = [args.q_dim, args.kv_dim, args.kv_dim]
         # Meta's wq | wk | wv stacked by rows, so Q, K and V are one GEMM with one scale epilogue; state
         # dicts still say attention.wq/wk/wv.weight (split on save, stacked on load)
-        self.wqkv = _stacked_weight(self, "wqkv", dict(zip(("wq", "wk", "wv"), self.split)), args.dim)
+        self.wqkv = stacked_weight(self, "wqkv", dict(zip(("wq", "wk", "wv"), self.split)), args.dim)
         self.wo = nn.Linear(args.q_dim, args.dim, bias=False)
 
     def forward(
@@ -88,9 +88,11 @@ class Attention(nn.Module):
         lead = x.shape[:-1]
         qkv = ops.linear_scale(x, self.wqkv, self._qkv_scale(s))  # (B, T, q+2kv) | (M, q+2kv)
         if any(lo.get(p) for p in "qkv"):
-            qkv = torch.cat([_add_lora(ops, t, x, lo.get(p)) for t, p in zip(qkv.split(self.split, -1), "qkv")], -1)
+            parts = qkv.split(self.split, -1)  # Q | K | V columns
+            qkv = torch.cat([_add_lora(ops, t, x, lo.get(p)) for t, p in zip(parts, "qkv")], -1)
         # Q and K heads side by side: one RoPE call rotates both (a view, no copy)
         qk = qkv[..., : self.split[0] + self.split[1]].unflatten(-1, (self.n_heads + self.n_kv_heads, self.head_dim))
+        # qk: (B, T | M, H + H_kv, hd)
         q, k = ops.rope(qk, cos_sin).split([self.n_heads, self.n_kv_heads], dim=-2)  # (B, T | M, H | H_kv, hd)
         v = qkv[..., -self.split[2] :].unflatten(-1, (self.n_kv_heads, self.head_dim))  # (B, T | M, H_kv, hd)
         if step is None:
@@ -109,7 +111,8 @@ class Attention(nn.Module):
                 step.max_rows,
                 contiguous_kv=step.contiguous_kv,
             )
-        return _project(ops, out.reshape(*lead, -1), self.wo.weight, lora=lo.get("o"))
+        out = out.reshape(*lead, -1)  # (B, T | M, H · hd)
+        return _project(ops, out, self.wo.weight, lora=lo.get("o"))
 
     def _qkv_scale(self, s: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The fused scale: given (engine pools) or stacked from per-projection vectors, 1 where absent."""
@@ -121,28 +124,6 @@ class Attention(nn.Module):
         )
 
 
-def _stacked_weight(module: nn.Module, name: str, parts: dict[str, int], in_dim: int) -> nn.Parameter:
-    """One (sum(rows), in_dim) parameter for several of Meta's projections that read the same input, so
-    they run as one GEMM. State dicts keep Meta's names: `{part}.weight` tensors are split out on save
-    and stacked on load by the hooks registered here."""
-    weight = nn.Parameter(torch.empty(sum(parts.values()), in_dim))
-    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # what each nn.Linear would have done (same fan-in)
-
-    def split(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-        w = state_dict.pop(prefix + name)
-        for part, rows in zip(parts, w.split(list(parts.values()))):
-            state_dict[f"{prefix}{part}.weight"] = rows.clone()  # own storage: safetensors refuses shared tensors
-
-    def stack(state_dict: dict, prefix: str, *args: Any) -> None:
-        keys = [f"{prefix}{part}.weight" for part in parts]
-        if all(k in state_dict for k in keys):
-            state_dict[prefix + name] = torch.cat([state_dict.pop(k) for k in keys])
-
-    module.register_state_dict_post_hook(split)
-    module.register_load_state_dict_pre_hook(lambda mod, *args: stack(*args))
-    return weight
-
-
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x); Meta's w1 = gate, w3 = up, w2 = down."""
 
@@ -152,7 +133,7 @@ class FeedForward(nn.Module):
         self.hidden_dim = hidden_dim
         # w1 | w3 stacked by rows (state dicts still say feed_forward.w1/w3.weight): gate and up are
         # adjacent row blocks of one tensor, which a backend may run as one GEMM
-        self.w13 = _stacked_weight(self, "w13", {"w1": hidden_dim, "w3": hidden_dim}, dim)
+        self.w13 = stacked_weight(self, "w13", {"w1": hidden_dim, "w3": hidden_dim}, dim)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(
@@ -272,7 +253,7 @@ class Llama(nn.Module):
         if T > self.args.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.args.max_seq_len}")
         if prompt_lens is not None:
-            self._check_prompt_lens(prompt_lens, B, T)
+            check_prompt_lens(prompt_lens, B, T)
         if adapter is not None:
             self.check_adapter(adapter)
             if prompt_lens is None:
@@ -285,25 +266,9 @@ class Llama(nn.Module):
                 x, h = layer(x, h, cos_sin, adapter=hook)
             return self.norm.add(x, h)[0]
 
-    @staticmethod
-    def _check_prompt_lens(prompt_lens: torch.Tensor, B: int, T: int) -> None:
-        if not isinstance(prompt_lens, torch.Tensor) or prompt_lens.shape != (B,) or prompt_lens.is_floating_point():
-            shape = tuple(prompt_lens.shape) if isinstance(prompt_lens, torch.Tensor) else type(prompt_lens).__name__
-            raise ValueError(f"prompt_lens must be an integer tensor of shape ({B},), got {shape}")
-        if B and (int(prompt_lens.min()) < 1 or int(prompt_lens.max()) > T):
-            raise ValueError(f"prompt_lens must lie in [1, {T}], got {prompt_lens.tolist()}")
-
     def check_adapter(self, adapter: Adapter) -> None:
         """A clear error for an object that is not an adapter, or one made for a model of another shape."""
-        if not isinstance(adapter, Adapter):
-            raise ValueError(f"adapter must be a model.peft adapter, got {type(adapter).__name__}")
-        a, b = adapter.args, self.args
-        if (a.n_layers, a.dim, a.q_dim, a.kv_dim, a.ffn_dim) != (b.n_layers, b.dim, b.q_dim, b.kv_dim, b.ffn_dim):
-            raise ValueError(
-                f"{adapter.method} adapter was built for a model of another shape (n_layers, dim, q/kv/ffn widths "
-                f"{a.n_layers}, {a.dim}, {a.q_dim}/{a.kv_dim}/{a.ffn_dim}; this model has "
-                f"{b.n_layers}, {b.dim}, {b.q_dim}/{b.kv_dim}/{b.ffn_dim})"
-            )
+        check_adapter(adapter, self.args)
 
     def forward_step(
         self, tokens: torch.Tensor, step: StepBatch, k_cache: torch.Tensor, v_cache: torch.Tensor

@@ -11,12 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from weights.tokenizer import (
-    HFTokenizer,
-    SentencePieceTokenizer,
-    TiktokenTokenizer,
-    load_tokenizer_model,
-)
+from weights.hf_tokenizer import HFTokenizer
+from weights.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, load_tokenizer_model
 
 # Varied text; SmolLM2 cases avoid a whitespace run right before a digit (see test_smollm_digit_split).
 TEXTS = [

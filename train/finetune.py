@@ -44,121 +44,15 @@ from tqdm import tqdm
 
 from infer.cli import EXIT_BAD_INPUT, ArgumentParser
 from train import checkpoint
+from train.config import TRAJECTORY, FinetuneConfig, FinetuneResult, TrainError, adapter_config
 from train.data import DataError, Dataset, collate, length_grouped_batches, load_dataset, read_jsonl
 from train.ddp import World, setup
 from train.evaluate import Metric, autocast, batch_loss, dev_loss, exact_match, generate
 from weights.adapters import load_adapter, save_adapter
 from weights.io import atomic_write
 
-METHODS = ("para", "lora", "ia3")
-DEFAULT_RANK = {"para": 12, "lora": 8}
 EXIT_DIVERGED = 3
 EXIT_NO_IMPROVEMENT = 4  # no step beat the untrained adapter's dev loss: best/ is that adapter
-
-
-class TrainError(ValueError):
-    """A bad argument or setting; the one-line message names it."""
-
-
-@dataclass
-class FinetuneConfig:
-    train: str
-    dev: str
-    out: str
-    test: str | None = None
-    model: str = "default"  # 'default', a .gguf file, a Meta or HF directory
-    method: str = "para"
-    chat: bool = False  # wrap prompts in the model's chat template
-    r: int | None = None  # PARA / LoRA rank (default 12 / 8)
-    lora_alpha: float | None = None  # default: r (scaling 1)
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    lr: float = 1e-4
-    weight_decay: float = 0.0  # not on by default: it would pull PARA's b_up = 1 (the identity) towards 0
-    warmup_ratio: float = 0.06
-    epochs: int = 10
-    batch_size: int = 16
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    max_steps: int | None = None
-    eval_every: int = 200
-    patience: int = 10
-    diverge_patience: int = 2  # evals in a row with dev loss above the step-0 one that count as divergence
-    eval_batch_size: int | None = None  # default: batch_size
-    max_len: int | None = None  # default: the model's max_seq_len
-    max_new_tokens: int | None = None  # test generation; default: the longest test response (+ eos)
-    beams: int = 3
-    seed: int = 0
-    skip_bad: bool = False
-    resume: bool = False
-    stop_after: int | None = None
-    log_every: int = 10
-    device: str | None = None  # default: cuda:LOCAL_RANK if available, else cpu
-    progress: bool = True
-
-    def check(self) -> None:
-        if self.method not in METHODS:
-            raise TrainError(f"--method {self.method!r} is unknown (choose one of {', '.join(METHODS)})")
-        if self.method == "ia3" and self.r is not None:
-            raise TrainError("--r does not apply to --method ia3 (it has no rank)")
-        positive = ("lr", "epochs", "batch_size", "grad_accum", "eval_every", "patience", "diverge_patience")
-        positive += ("beams", "log_every")
-        optional = ("r", "max_steps", "eval_batch_size", "max_len", "max_new_tokens", "stop_after", "lora_alpha")
-        for name in positive + optional:
-            v = getattr(self, name)
-            if (v is not None or name in positive) and not v > 0:
-                raise TrainError(f"--{name.replace('_', '-')} must be positive, got {v}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise TrainError(f"--warmup-ratio must lie in [0, 1), got {self.warmup_ratio}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise TrainError("--weight-decay and --max-grad-norm must be >= 0")
-
-
-# settings that shape the training trajectory: a resumed run must share them
-TRAJECTORY = (
-    "method",
-    "chat",
-    "r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_targets",
-    "lr",
-    "weight_decay",
-    "warmup_ratio",
-    "epochs",
-    "batch_size",
-    "grad_accum",
-    "max_grad_norm",
-    "max_steps",
-    "eval_every",
-    "patience",
-    "eval_batch_size",
-    "max_len",
-    "seed",
-)
-
-
-@dataclass
-class FinetuneResult:
-    out: str
-    method: str
-    num_trainable: int
-    steps: int  # optimizer steps done
-    total_steps: int  # the schedule's length
-    initial_dev_loss: float
-    best_dev_loss: float
-    best_step: int
-    stopped_early: bool
-    interrupted: bool  # stopped by --stop-after: resume with --resume
-    train_seconds: float
-    tokens_per_second: float
-    test_metric: str | None = None
-    test_score: float | None = None
-    n_test: int = 0
-    world_size: int = 1  # processes that trained together
-    diverged: bool = False  # stopped by divergence (see diverge_reason)
-    diverge_reason: str | None = None  # e.g. "dev loss 17.4 > initial 6.46 for 2 evaluations"
-    improved: bool = False  # some step beat the step-0 dev loss (best_step > 0)
 
 
 @dataclass
@@ -174,26 +68,6 @@ class _State:
     train_seconds: float = 0.0
     train_tokens: int = 0
     window: list[float] = dataclasses.field(default_factory=list)  # step losses since the last train log
-
-
-def adapter_config(config: FinetuneConfig) -> Any:
-    """The model.peft config of the chosen method."""
-    from model.peft import IA3Config, LoRAConfig, PARAConfig
-
-    try:
-        if config.method == "para":
-            return PARAConfig(r=config.r or DEFAULT_RANK["para"])
-        if config.method == "lora":
-            r = config.r or DEFAULT_RANK["lora"]
-            return LoRAConfig(
-                r=r,
-                lora_alpha=config.lora_alpha or r,
-                lora_dropout=config.lora_dropout,
-                target_modules=tuple(config.lora_targets),
-            )
-        return IA3Config()
-    except ValueError as e:
-        raise TrainError(str(e)) from None
 
 
 def linear_schedule(total: int, warmup: int) -> Callable[[int], float]:

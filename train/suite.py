@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,13 +35,14 @@ from typing import Any
 import torch
 
 from infer.cli import ArgumentParser
+from train.config import DEFAULT_RANK, METHODS, FinetuneConfig, FinetuneResult
 from train.data import load_dataset
-from train.finetune import DEFAULT_RANK, METHODS, FinetuneConfig, FinetuneResult, finetune
+from train.finetune import finetune
+from train.suite_report import LABELS, format_table, medians, para_wins, plot
 from train.tasks import TASKS, Task
+from weights.io import atomic_write, read_json
 
 ZERO_SHOT_SLACK = 8  # extra new tokens the base model gets over the longest test response
-LABELS = {"para": "PARA", "lora": "LoRA", "ia3": "(IA)³", "base": "base (zero-shot)"}
-TASK_LABELS = {"hsm": "HSM", "q2sql": "Q2SQL", "squad": "SQuAD", "boolq": "BoolQ", "copa": "COPA"}
 FINETUNE_KEYS = {f.name for f in dataclasses.fields(FinetuneConfig)} - {
     "train",
     "dev",
@@ -118,7 +118,7 @@ def prepare_data(config: SuiteConfig) -> dict[str, dict[str, Path]]:
         meta_path = d / "meta.json"
         if (
             meta_path.exists()
-            and json.loads(meta_path.read_text()) == meta
+            and read_json(meta_path, SuiteError) == meta
             and all(p.exists() for p in split_paths.values())
         ):
             paths[name] = split_paths
@@ -126,7 +126,7 @@ def prepare_data(config: SuiteConfig) -> dict[str, dict[str, Path]]:
         if (out / "runs" / name).exists() or (out / "zero_shot" / name).exists():
             raise SuiteError(f"--out {out}: {name} has results on other data settings; choose another --out")
         paths[name] = TASKS[name].generate(d, config.data_seed, config.n_train, config.n_dev, config.n_test)
-        meta_path.write_text(json.dumps(meta) + "\n")
+        atomic_write(meta_path, json.dumps(meta) + "\n")
     return paths
 
 
@@ -148,9 +148,9 @@ def check_settings(config: SuiteConfig) -> None:
     }
     settings = json.loads(json.dumps(settings))  # tuples as lists, as read back
     if not path.exists():
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+        atomic_write(path, json.dumps(settings, indent=2) + "\n")
         return
-    saved = json.loads(path.read_text())
+    saved = read_json(path, SuiteError)
     if saved != settings:
         diff = ", ".join(
             f"{k}: {saved.get(k)!r} -> {settings.get(k)!r}" for k in settings if saved.get(k) != settings.get(k)
@@ -198,9 +198,9 @@ def train_one(
     done = out / "result.json"
     if done.exists():
         print(f"skip {task}/{method}/seed{seed}: {done} exists", file=sys.stderr)
-        result = json.loads(done.read_text())
+        result = read_json(done, SuiteError)
         wall = out / "wall.json"
-        result["wall_seconds"] = json.loads(wall.read_text())["seconds"] if wall.exists() else None
+        result["wall_seconds"] = read_json(wall, SuiteError)["seconds"] if wall.exists() else None
         return result | {"skipped": True}
     print(f"run {task}/{method}/seed{seed} -> {out}", file=sys.stderr)
     fc = FinetuneConfig(
@@ -221,7 +221,7 @@ def train_one(
     t0 = time.perf_counter()
     result: FinetuneResult = finetune(fc, model=model, metric=TASKS[task].metric)
     wall = time.perf_counter() - t0
-    (out / "wall.json").write_text(json.dumps({"seconds": wall}) + "\n")
+    atomic_write(out / "wall.json", json.dumps({"seconds": wall}) + "\n")
     return dataclasses.asdict(result) | {"wall_seconds": wall, "skipped": False}
 
 
@@ -266,7 +266,7 @@ def zero_shot_cached(model: Any, config: SuiteConfig, task: str, paths: dict[str
     done = out / "result.json"
     if done.exists():
         print(f"skip zero-shot {task}: {done} exists", file=sys.stderr)
-        return float(json.loads(done.read_text())["test_score"])
+        return float(read_json(done, SuiteError)["test_score"])
     print(f"zero-shot {task}", file=sys.stderr)
     batch = config.finetune.get("eval_batch_size") or config.finetune.get("batch_size") or 16
     t0 = time.perf_counter()
@@ -274,96 +274,8 @@ def zero_shot_cached(model: Any, config: SuiteConfig, task: str, paths: dict[str
         model, TASKS[task], paths["test"], chat=config.chat, beams=config.beams, batch_size=batch, out=out
     )
     result = {"test_score": score, "metric": TASKS[task].metric.__name__, "wall_seconds": time.perf_counter() - t0}
-    done.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write(done, json.dumps(result, indent=2) + "\n")
     return score
-
-
-# ---- summary --------------------------------------------------------------------------------------------
-def medians(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """{method: {task: {"median": score, "n": seeds, "scores": [...]}}} over finished runs with a test score."""
-    cells: dict[str, dict[str, list[float]]] = {}
-    for r in runs:
-        if r.get("test_score") is not None:
-            cells.setdefault(r["method"], {}).setdefault(r["task"], []).append(r["test_score"])
-    return {
-        m: {t: {"median": statistics.median(s), "n": len(s), "scores": s} for t, s in by_task.items()}
-        for m, by_task in cells.items()
-    }
-
-
-def para_wins(cells: dict[str, dict[str, dict[str, Any]]], tasks: list[str]) -> list[str]:
-    """Tasks where PARA's median is >= every other fine-tuned method's that was run."""
-    others = [m for m in ("lora", "ia3") if m in cells]
-    wins = []
-    for t in tasks:
-        para = cells.get("para", {}).get(t)
-        if (
-            para is not None
-            and others
-            and all(t in cells[m] and para["median"] >= cells[m][t]["median"] for m in others)
-        ):
-            wins.append(t)
-    return wins
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    """Markdown: one row per method (base first), #params, one column per task (median %, seeds if fewer)."""
-    tasks, seeds = summary["tasks"], summary["seeds"]
-    head = "| Method | #Params | " + " | ".join(TASK_LABELS.get(t, t) for t in tasks) + " |"
-    lines = [head, "|" + "---|" * (len(tasks) + 2)]
-    if summary.get("zero_shot"):
-        zs = summary["zero_shot"]
-        lines.append(f"| {LABELS['base']} | 0 | " + " | ".join(_pct(zs.get(t)) for t in tasks) + " |")
-    for m in ("ia3", "lora", "para"):
-        if m not in summary["methods"]:
-            continue
-        b = summary["budgets"][m]
-        label = LABELS[m] + (f" (r={b['r']})" if b["r"] is not None else "")
-        cells = summary["cells"].get(m, {})
-        row = []
-        for t in tasks:
-            c = cells.get(t)
-            row.append("–" if c is None else _pct(c["median"]) + ("" if c["n"] == seeds else f" ({c['n']}/{seeds})"))
-        lines.append(f"| {label} | {_count(b['params'])} | " + " | ".join(row) + " |")
-    note = f"\nTest score ×100, median over {seeds} seed(s); (k/{seeds}): only k seeds finished."
-    return "\n".join(lines) + "\n" + note + "\n"
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n / 1e3:.1f}K"
-
-
-def plot(summary: dict[str, Any], path: Path) -> bool:
-    """Grouped bars per task (base and each method); False (with a message) when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not importable: no plot written", file=sys.stderr)
-        return False
-    tasks = summary["tasks"]
-    series = ([("base", summary["zero_shot"])] if summary.get("zero_shot") else []) + [
-        (m, {t: c["median"] for t, c in summary["cells"].get(m, {}).items()}) for m in summary["methods"]
-    ]
-    width = 0.8 / max(1, len(series))
-    fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 2, 3.5))
-    for k, (name, scores) in enumerate(series):
-        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(tasks))]
-        ax.bar(xs, [100 * (scores.get(t) or 0.0) for t in tasks], width, label=LABELS.get(name, name))
-    ax.set_xticks(range(len(tasks)), [TASK_LABELS.get(t, t) for t in tasks])
-    ax.set_ylabel(f"test score (median of {summary['seeds']} seeds)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 # ---- the suite ------------------------------------------------------------------------------------------
@@ -419,8 +331,8 @@ def run_suite(config: SuiteConfig, model: Any = None, command: str | None = None
         "para_wins": para_wins(cells, list(config.tasks)),
     }
     summary["table"] = format_table(summary)
-    (out / "suite.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    (out / "table.md").write_text(summary["table"])
+    atomic_write(out / "suite.json", json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write(out / "table.md", summary["table"])
     summary["plot"] = str(out / "suite.png") if plot(summary, out / "suite.png") else None
     return summary
 

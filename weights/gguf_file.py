@@ -68,7 +68,7 @@ def _rope_scaling(freq_factors: np.ndarray, head_dim: int, theta: float, path: P
 def load_gguf(path: str | Path) -> Checkpoint:
     import gguf
 
-    from weights.tokenizer import HFTokenizer
+    from weights.hf_tokenizer import HFTokenizer
 
     path = Path(path)
     reader = _open(path)

@@ -128,7 +128,7 @@ def to_meta_names(hf: dict[str, torch.Tensor], args: ModelArgs, source: Path) ->
 
 
 def load_hf(directory: str | Path) -> Checkpoint:
-    from weights.tokenizer import HFTokenizer
+    from weights.hf_tokenizer import HFTokenizer
 
     d = Path(directory)
     cfg_path = d / "config.json"

@@ -169,11 +169,9 @@ def load_matcher(directory: str | os.PathLike[str], model: Any = None) -> tuple[
         if key not in config:
             raise PillowError(f"{where}: field {key!r} is missing")
     if model is not None:
-        from model.peft.adapters import SHAPE_FIELDS, model_fingerprint
+        from model.peft.adapters import SHAPE_FIELDS, fingerprint_diff
 
-        fp, mine = config.get("base_model") or {}, model_fingerprint(model)
-        fields = [f for f in (*SHAPE_FIELDS, "weights_sha256") if f in fp and f in mine]
-        diff = [f"{f} {fp[f]} vs {mine[f]}" for f in fields if fp[f] != mine[f]]
+        diff = fingerprint_diff(config.get("base_model") or {}, model, (*SHAPE_FIELDS, "weights_sha256"))
         if diff:
             raise PillowError(
                 f"{where}: matcher was trained on another base model (matcher vs this: {', '.join(diff)})"

@@ -40,6 +40,12 @@ def model_fingerprint(model: Any) -> dict[str, Any]:
     return fp
 
 
+def fingerprint_diff(saved: dict[str, Any], model: Any, fields: tuple[str, ...] = SHAPE_FIELDS) -> list[str]:
+    """The `fields` in which a saved fingerprint differs from `model`'s, as "field saved vs this"."""
+    mine = model_fingerprint(model)
+    return [f"{f} {saved[f]} vs {mine[f]}" for f in fields if f in saved and f in mine and saved[f] != mine[f]]
+
+
 def create_adapter(model: Any, config: PARAConfig | IA3Config | LoRAConfig | None = None) -> Adapter:
     """A fresh adapter (the identity) for `model`, on its device and dtype. The base model is frozen
     (`requires_grad_(False)`), as peft does: training touches only adapter parameters."""

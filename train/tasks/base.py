@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from train.evaluate import Metric
+from weights.io import read_jsonl
 
 Record = dict[str, Any]
 Sampler = Callable[[random.Random], "Record | None"]  # None: this draw is unusable, draw again
@@ -98,4 +99,4 @@ class Task(ABC):
 
 def read_split(path: str | Path) -> list[Record]:
     """The records of a generated split, in order."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [record for _, record in read_jsonl(path)[0]]
