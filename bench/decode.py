@@ -2,7 +2,8 @@
 
     python bench/decode.py [--runs 5] [--beams 1 3] [--methods base para ia3 lora mixed] [--batch 1 8]
                            [--tenants 8] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
-                           [--model default|DIR|FILE.gguf] [--backend auto] [--compile] [--no-peers]
+                           [--model default|DIR|FILE.gguf] [--backend auto] [--compile]
+                           [--peers transformers llamacpp | --no-peers]
                            [--json out.json] [--plot out.png] [--quick]
 
 Methods run on fresh adapters (PARA r=12 on q/v/u, (IA)³ on k/v/down, LoRA r=8 on q/v, unmerged);
@@ -15,6 +16,8 @@ tokens/s = new tokens / wall time including prefill (the paper's figure); decode
 the prefill: parallama times the engine's pure decode steps, the peers (transformers `generate` on
 the same weights, peft LoRA / (IA)³ on that model) the steps inside `generate` (a no-op logits
 processor notes when each step's logits arrive); the peers' prefill is the time of a 1-token generate.
+llama.cpp (base, beams 1, batch 1, CPU) runs GGUFs of the exact weights (F32, and the run's 16-bit type)
+written to a temp dir, timed like the engine's steps and interleaved with the parallama rows of its setting.
 Every row reports the median of --runs after a warm-up (parallama rows of one beams × batch setting, and
 the tenant rows, are run interleaved, round by round, so a drifting machine shifts them alike), the peak
 memory growth around its set-up and warm-up run, and its KV bytes; the machine's memory bandwidth is
@@ -25,6 +28,7 @@ summary lists the issue's targets as ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -43,6 +47,7 @@ import torch
 # kernels/ package, not bench/kernels.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import llamacpp  # noqa: E402
 from bench.measure import (  # noqa: E402
     bandwidth_buffer_bytes,
     bandwidth_summary,
@@ -52,6 +57,7 @@ from bench.measure import (  # noqa: E402
 )
 from bench.parallama_rows import (  # noqa: E402
     METHODS,
+    Case,
     CompiledStep,
     ParallamaCase,
     kv_memory_ragged,
@@ -71,6 +77,7 @@ TEXT = (
     "real-world phenomena. "
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PEERS = ("transformers", "llamacpp")
 
 _T0 = time.perf_counter()
 
@@ -108,7 +115,7 @@ def machine_info(device: str, dtype: str, backend: str) -> dict[str, Any]:
         pass
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
-    for lib in ("transformers", "peft"):
+    for lib in ("transformers", "peft", "llama_cpp"):
         try:
             info[lib] = __import__(lib).__version__
         except ImportError:
@@ -130,11 +137,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", default="default", help="default | a Meta or HF directory | a .gguf file")
     ap.add_argument("--backend", default="auto", help="auto | torch | cpu | triton (kernels/ops.py)")
     ap.add_argument("--compile", action="store_true", help="run the engine's step through torch.compile")
-    ap.add_argument("--no-peers", action="store_true", help="skip transformers and peft")
+    ap.add_argument(
+        "--peers",
+        nargs="*",
+        default=list(PEERS),
+        choices=PEERS,
+        help="peers to run: transformers (and peft), llamacpp (default both; none given: parallama only)",
+    )
+    ap.add_argument("--no-peers", action="store_true", help="parallama only (= --peers with none)")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--plot", type=Path, help="bar chart of the rows (needs matplotlib)")
-    ap.add_argument("--quick", action="store_true", help="base and PARA vs transformers, beams 1, batch 1, 3 runs")
+    ap.add_argument("--quick", action="store_true", help="base and PARA vs the peers, beams 1, batch 1, 3 runs")
     a = ap.parse_args(argv)
+    if a.no_peers:
+        a.peers = []
     if a.quick:
         a.runs, a.beams, a.batch, a.methods = 3, [1], [1], ["base", "para"]
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -174,6 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     bw_before = measure_bandwidth(a.device, bw_bytes)
 
     rows: list[dict[str, Any]] = []
+    no_llamacpp = llamacpp.skip_reason(a)
+    if no_llamacpp:
+        log(no_llamacpp)
+    elif len(a.beams) > 1 or len(a.batch) > 1 or len(a.methods) > 1 or a.tenants:
+        log("llama.cpp: base at beams 1, batch 1 only (no beam search, batching or adapters through its binding)")
 
     def add(r: dict[str, Any]) -> None:
         rows.append(r)
@@ -186,9 +207,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for batch in a.batch:
             methods = [m for m in a.methods if not (m == "mixed" and batch < len(METHODS))]  # mixed: one per method
             log(f"parallama {', '.join(methods)} beams={beams} batch={batch} ({a.runs} interleaved runs)")
-            cases = [ParallamaCase(model, ids, a.new_tokens, beams, m, batch) for m in methods]
-            for r in run_interleaved(cases, a.runs):
-                add(r)
+            cases: list[Case] = [ParallamaCase(model, ids, a.new_tokens, beams, m, batch) for m in methods]
+            with contextlib.ExitStack() as stack:
+                if not no_llamacpp and beams == batch == 1 and "base" in methods:
+                    types = llamacpp.gguf_types(DTYPES[a.dtype])
+                    log(f"llama.cpp {', '.join(types)}: GGUFs of these weights, timed in the same rounds")
+                    tok = llamacpp.tokenizer_gguf(a.model)
+                    cases += stack.enter_context(llamacpp.cases(model, ids, a.new_tokens, DTYPES[a.dtype], tok))
+                for r in run_interleaved(cases, a.runs):
+                    add(r)
         if a.tenants:
             n = a.tenants
             regs = tenant_adapters(model, n)
@@ -209,7 +236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in run_interleaved(cases, a.runs):
                 add(r)
 
-    hf, why = (None, "peers off (--no-peers)") if a.no_peers else load_hf_peer(a.model, DTYPES[a.dtype], a.device)
+    hf, why = (
+        (None, "transformers peers off (--peers without transformers, or --no-peers)")
+        if "transformers" not in a.peers
+        else load_hf_peer(a.model, DTYPES[a.dtype], a.device)
+    )
     if hf is None:
         log(why)
     else:

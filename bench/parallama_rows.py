@@ -11,7 +11,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -146,12 +146,21 @@ class ParallamaCase:
         # per run, in round order: run_interleaved's cases share rounds, so their ratios can be paired
         out["runs_tps"] = [batch * self.new / r[0] for r in self.results]
         out["runs_decode_tps"] = [r[2] for r in self.results]
+        out["runs_prefill_tps"] = [batch * len(ids) / r[1] for r in self.results]
         step_bytes = bytes_per_decode_step(model, len(ids) + self.new // 2, self.live * self.beams)  # mid-generation
         out["decode_gbs"] = step_bytes * decode_tps / self.live / 1e9  # a step gives each live request one token
         return out
 
 
-def run_interleaved(cases: Sequence[ParallamaCase], runs: int) -> list[dict[str, Any]]:
+class Case(Protocol):
+    """What `run_interleaved` rounds: ParallamaCase, and the peers timed in the same rounds (LlamaCppCase)."""
+
+    def run(self) -> None: ...
+
+    def row(self) -> dict[str, Any]: ...
+
+
+def run_interleaved(cases: Sequence[Case], runs: int) -> list[dict[str, Any]]:
     """`runs` rounds, each timing every case once (the order rotated each round, so no case always runs
     first), then each case's row (medians over its runs; its per-run figures kept for paired ratios)."""
     for i in range(runs):

@@ -126,6 +126,14 @@ def summarize(
                     "met": rf >= 0.6,
                 }
             )
+        if b == 1:  # llama.cpp runs beams 1, batch 1: goals against its F32 file, its 16-bit file reported
+            for ftype in sorted({r.get("gguf_type", "") for r in rows if r["engine"] == "llama.cpp"}):
+                lc = find(rows, engine="llama.cpp", method="base", beams=1, batch=1, gguf_type=ftype)
+                goal = 1.0 if ftype == "F32" else None
+                where = f"llama.cpp {ftype} (beams 1, batch 1)"
+                out.append(_target(f"decode tok/s vs {where}", p, lc, "decode_tps", goal))
+                out.append(_target(f"prefill tok/s vs {where}", p, lc, "prefill_tps", goal))
+                out.append(_target(f"tok/s vs {where}", p, lc, "tps", None))
         for n in batches:
             where = f"beams {b}, batch {n}"
             base, para = (find(rows, engine="parallama", method=m, beams=b, batch=n) for m in ("base", "para"))
@@ -170,6 +178,11 @@ def format_summary(targets: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def engine_label(r: dict[str, Any]) -> str:
+    """The engine, and for llama.cpp's rows the file type they ran (F32, F16, BF16)."""
+    return f"{r['engine']} {r['gguf_type']}" if "gguf_type" in r else r["engine"]
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
         "| engine | method | beams | batch | tenants | mode | tok/s | decode tok/s | prefill tok/s | peak MiB "
@@ -178,11 +191,14 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     ]
     for r in rows:
         base_engine = "transformers" if r["engine"] == "peft" else r["engine"]
-        b = find(rows, engine=base_engine, method="base", beams=r["beams"], batch=r["batch"])
+        # llama.cpp's rows differ by file type (gguf_type; None on the other engines' rows)
+        b = find(
+            rows, engine=base_engine, method="base", beams=r["beams"], batch=r["batch"], gguf_type=r.get("gguf_type")
+        )
         rel = f"{r['decode_tps'] / b['decode_tps']:.3f}x" if b and b["decode_tps"] and r["mode"] == "batched" else "-"
         roof = f"{r['roof_frac']:.0%}" if "roof_frac" in r else "-"
         lines.append(
-            f"| {r['engine']} | {r['method']} | {r['beams']} | {r['batch']} | {r['tenants']} | {r['mode']} "
+            f"| {engine_label(r)} | {r['method']} | {r['beams']} | {r['batch']} | {r['tenants']} | {r['mode']} "
             f"| {r['tps']:.1f} | {r['decode_tps']:.1f} | {r['prefill_tps']:.0f} | {r['peak_mem_mib']:.0f} "
             f"| {r['kv_bytes'] / 2**20:.1f} | {rel} | {roof} |"
         )
@@ -200,7 +216,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> bool:
         print(MPL_MISSING)
         return False
     labels = [
-        f"{r['engine']} {r['method']}\nbeams {r['beams']} batch {r['batch']}"
+        f"{engine_label(r)} {r['method']}\nbeams {r['beams']} batch {r['batch']}"
         + (f"\n{r['tenants']} tenants" if r["tenants"] > 1 else "")
         + (" seq" if r["mode"] == "sequential" else "")
         for r in rows
