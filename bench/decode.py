@@ -55,6 +55,7 @@ from bench.measure import (  # noqa: E402
     measure_bandwidth,
     weight_bytes,
 )
+from bench.opcount import budget_targets, decode_step_ops  # noqa: E402
 from bench.parallama_rows import (  # noqa: E402
     METHODS,
     Case,
@@ -69,6 +70,7 @@ from bench.report import add_roof, find, format_summary, format_table, plot, sum
 from infer.engine import Engine  # noqa: E402
 from infer.sampling import SamplingParams  # noqa: E402
 from model import Llama  # noqa: E402
+from model.peft import PARAConfig, create_adapter  # noqa: E402
 
 TEXT = (
     "The history of science is the study of the development of science and scientific knowledge, including both "
@@ -184,6 +186,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     Engine(model, num_blocks=math.ceil((len(ids) + 2) / 16) + 1).generate(
         [ids], SamplingParams(max_new_tokens=2, ignore_eos=True)
     )
+    log("op budget of a decode step (base, PARA)")
+    ops = {}
+    for method in ("base", "para"):
+        engine = Engine(model, num_blocks=math.ceil((len(ids) + 4) / 16) + 1)
+        if method == "para":
+            engine.add_adapter("para", create_adapter(model, PARAConfig()))
+        params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+        ops[method] = decode_step_ops(engine, ids, params, adapter=None if method == "base" else "para")
     weights = weight_bytes(model)
     bw_bytes = bandwidth_buffer_bytes(weights, None if a.device == "cuda" else l3_bytes())
     log(f"memory bandwidth before the runs ({bw_bytes / 2**20:.0f} MiB buffer)")
@@ -338,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"contiguous padded-to-longest {kv['contiguous_batch_max_bytes'] * mib:.1f} MiB, "
         f"contiguous max_seq_len {kv['contiguous_max_seq_len_bytes'] * mib:.0f} MiB"
     )
-    targets = summarize(rows, kv, a.tenants)
+    targets = summarize(rows, kv, a.tenants) + budget_targets(ops, model.ops.backend)
     print("\nTargets (ratios measured in this run; '-' = reported, no goal):\n")
     print(format_summary(targets))
     if a.json:
@@ -350,6 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "bandwidth": bw,
                     "rows": rows,
                     "kv_ragged": kv,
+                    "ops_per_layer": ops,
                     "targets": targets,
                     "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
                 },

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+ROOF_GOAL = 0.85  # batch-1 decode bytes/s over the measured bandwidth
+
 # The JSON schema other tools read: every row carries these keys with these types (extra keys are allowed).
 ROW_SCHEMA: dict[str, type] = {
     "engine": str,
@@ -121,9 +123,9 @@ def summarize(
                 {
                     "target": "decode bandwidth / measured roof (beams 1, batch 1)",
                     "ratio": rf,
-                    "goal": 0.6,
+                    "goal": ROOF_GOAL,
                     "at_most": False,
-                    "met": rf >= 0.6,
+                    "met": rf >= ROOF_GOAL,
                 }
             )
         if b == 1:  # llama.cpp runs beams 1, batch 1: goals against its F32 file, its 16-bit file reported

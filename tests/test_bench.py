@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -550,3 +551,69 @@ def test_kernel_cases_match_twins(monkeypatch):
     for name, kernel, twin, moved in cases:
         assert_close(kernel(), twin(), KERNEL, msg=name)
         assert moved > 0
+
+
+# ---------------------------------------------------------------- op budget
+
+
+def test_op_counter_counts_top_level_calls_and_views():
+    from bench.opcount import OpCounter
+
+    x = torch.ones(4, 3)
+    with OpCounter() as c:
+        y = torch.add(x, 1)
+        z = y.view(-1)
+        assert z.numel() == 12  # metadata: not an op
+        torch.mm(x, x.t())
+    s = c.summary(n_layers=2)
+    assert s["by_op"] == {"add": 1, "view": 1, "t": 1, "mm": 1}
+    assert (s["torch_ops"], s["views"], s["launches"], s["torch_ops_per_layer"]) == (4, 2, 2, 2.0)
+
+
+def _tiny_engine(backend: str, n_layers: int):
+    from infer.engine import Engine
+    from model import Llama, ModelArgs
+    from tests.helpers import random_meta_state_dict
+
+    sd = random_meta_state_dict(64, n_layers, 4, 2, 97, 96, seed=0)
+    args = ModelArgs(dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=96, max_seq_len=64)
+    with torch.device("meta"):
+        model = Llama(args, backend=backend)
+    model.load_weights({k: v.clone() for k, v in sd.items()})
+    model.setup_rope("cpu")
+    return Engine(model.eval(), num_blocks=16, block_size=4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_decode_op_budget_is_per_layer(backend):
+    """Each added layer adds the same count; on triton each layer makes exactly the model's 8 fused-kernel calls
+    (2 RMSNorms, the QKV, O and down projections, RoPE, the gated up projection, paged decode attention)."""
+    from bench.opcount import decode_step_ops
+    from infer.sampling import SamplingParams
+    from model.peft import PARAConfig, create_adapter
+
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter (tests/conftest.py sets it without CUDA)")
+    counts = []
+    for n_layers in (2, 4, 6):
+        engine = _tiny_engine(backend, n_layers)
+        engine.add_adapter("para", create_adapter(engine.model, PARAConfig(r=4)))
+        params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+        counts.append(decode_step_ops(engine, list(range(1, 8)), params, adapter="para"))
+        assert "forward_step" not in vars(engine.model)  # the counting wrapper is gone
+    for key in ("torch_ops", "launches", "kernels"):
+        per_layer = [(b[key] - a[key]) / 2 for a, b in zip(counts, counts[1:])]
+        assert per_layer[0] == per_layer[1], (key, per_layer)
+    kernels_per_layer = (counts[1]["kernels"] - counts[0]["kernels"]) / 2
+    assert kernels_per_layer == (8 if backend == "triton" else 0)
+
+
+def test_op_budget_targets():
+    from bench.opcount import budget_targets
+
+    ops = {"para": {"torch_ops_per_layer": 20.0, "launches_per_layer": 7.5}}
+    cpu = {t["target"]: t for t in budget_targets(ops, "cpu")}
+    assert cpu["decode torch ops per layer (cpu backend, para, batch 1)"]["met"] is False
+    assert cpu["decode launches per layer (cpu backend, para, batch 1)"]["goal"] is None
+    tri = {t["target"]: t for t in budget_targets(ops, "triton")}
+    assert tri["decode launches per layer (triton backend, para, batch 1)"]["met"] is True
