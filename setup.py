@@ -32,6 +32,13 @@ setup(
             "accelerate>=1.0",
             "ruff>=0.6",
             "import-linter>=2.1",  # the layering contract in pyproject.toml (make lint)
+            "openai>=1.40",  # the official client drives the server in tests
+            "httpx>=0.27",  # raw HTTP against the server in tests and bench/serve.py
+        ],
+        # the OpenAI-compatible server (python -m infer.serve)
+        "serve": [
+            "fastapi>=0.110",
+            "uvicorn>=0.30",
         ],
     },
 )
