@@ -1,7 +1,9 @@
 """Paged KV cache: one block pool for all layers, a reference-counted block allocator, block tables.
 
 K and V live in two tensors shaped (n_layers, num_blocks, block_size, n_kv_heads, head_dim),
-allocated once from a budget; a sequence owns a list of block ids (its block table). Forked
+allocated once from a budget; a sequence owns a list of block ids (its block table). One more block
+than the allocator hands out, `pad_block`, is never owned: the padded rows of a fixed-shape step (a
+CUDA-graph bucket) write their K/V there and attend to it alone. Forked
 sequences (beams, n samples) share blocks by reference count, and the first write into a shared
 block copies it (copy-on-write), so a fork costs nothing until the branches diverge.
 """
@@ -78,7 +80,8 @@ class PagedKVCache:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
-        shape = (args.n_layers, num_blocks, block_size, args.n_kv_heads, args.head_dim)
+        self.pad_block = num_blocks  # the extra block: see the module docstring
+        shape = (args.n_layers, num_blocks + 1, block_size, args.n_kv_heads, args.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -138,10 +141,13 @@ class PagedKVCache:
         table.blocks.clear()
         table.num_tokens = 0
 
-    def prepare_step(self, tables: list[BlockTable], num_new: list[int], all_logits: bool = False) -> StepBatch:
+    def prepare_step(
+        self, tables: list[BlockTable], num_new: list[int], all_logits: bool = False, on_host: bool = False
+    ) -> StepBatch:
         """Reserve slots for each sequence's new tokens and describe the packed step to the model.
 
-        Reserves for all sequences or raises CacheFullError having reserved none.
+        Reserves for all sequences or raises CacheFullError having reserved none. `on_host` leaves the
+        tensors on the CPU (a CUDA-graph step copies them into its static buffers in one transfer).
         """
         if sum(self.blocks_needed(t, n) for t, n in zip(tables, num_new)) > self.allocator.num_free:
             raise CacheFullError("KV cache is full")
@@ -154,7 +160,7 @@ class PagedKVCache:
         positions = torch.tensor(starts)[row_to_seq] + row_index
         width = max(len(t.blocks) for t in tables)
         block_tables = torch.tensor([t.blocks + [t.blocks[0]] * (width - len(t.blocks)) for t in tables])
-        dev = self.k.device
+        dev = torch.device("cpu") if on_host else self.k.device
         return StepBatch(
             positions=positions.to(dev),
             row_to_seq=row_to_seq.to(dev),

@@ -20,6 +20,7 @@ import torch
 
 from infer.beam import BeamSearch
 from infer.cache import BlockTable, CacheFullError, PagedKVCache
+from infer.graphs import DecodeGraphs
 from infer.sampling import SamplingParams, sample_token
 from model import Llama
 from model.peft import Adapter
@@ -31,7 +32,7 @@ class GenerationOutput:
     prompt_ids: list[int]
     token_ids: list[int]  # new tokens, a final stop token included
     text: str  # new text, stop tokens left out and cut before a stop string
-    finish_reason: str  # "stop" (eos or stop string) or "length"
+    finish_reason: str  # "stop" (eos or stop string), "length" or "abort" (Engine.abort)
 
 
 @dataclass
@@ -86,9 +87,11 @@ class Engine:
         block_size: int = 16,
         memory_fraction: float = 0.05,
         max_batch: int = 32,
+        cuda_graphs: bool | None = None,
     ) -> None:
         """`num_blocks` sizes the KV pool directly; otherwise it takes `memory_fraction` of free memory
-        (capped at what `max_batch` full-length sequences could use). Allocated once, here."""
+        (capped at what `max_batch` full-length sequences could use). Allocated once, here.
+        `cuda_graphs`: replay decode steps as CUDA graphs (infer/graphs.py); None = on when the model is on CUDA."""
         self.model = model
         self.tokenizer = model.tokenizer
         self.max_batch = max_batch
@@ -103,6 +106,9 @@ class Engine:
         # PARA / (IA)³ vectors: "qkv" / "u" pools (n_layers, max_batch + 1, width); slot 0 = identity
         self.pools: dict[str, torch.Tensor] = {}
         self.free_slots = list(range(max_batch, 0, -1))
+        if cuda_graphs is None:
+            cuda_graphs = weight.device.type == "cuda"
+        self.graphs = DecodeGraphs(model, self.cache, self.pools, max_batch) if cuda_graphs else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = count()
@@ -180,6 +186,8 @@ class Engine:
         ]
         scaled = any(slots) or todo
         pools = self.pools if scaled else {}  # no scaled row: skip the identity multiplies
+        if len(set(slots)) == 1:  # one slot for every row (a lone prompt, its beams): (1, width) scales broadcast
+            slots = slots[:1]
         return AdapterStep(pools=pools, row_slots=torch.tensor(slots, device=dev), compute=todo, lora=lora)
 
     # ---- submission ----------------------------------------------------------------------------
@@ -235,6 +243,17 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def abort(self, req: Request) -> None:
+        """Finish a waiting or running request now (finish_reason "abort"): its blocks and pool slot are
+        free on return. Call it between steps (the server's engine thread does); a finished request is left as is."""
+        if req.finished:
+            return
+        if req in self.waiting:  # a waiting request holds no blocks (a preempted one freed them)
+            self.waiting.remove(req)
+            req.finish_reason = "abort"
+            return
+        self._finish(req, "abort")
+
     def _admit(self) -> list[Request]:
         admitted = []
         free = self.cache.allocator.num_free - sum(len(r.seqs) for r in self.running)  # a block of growth each
@@ -268,16 +287,21 @@ class Engine:
             if not live:
                 return []
             seqs = [s for r in live for s in r.seqs]
+            graph = self._graph_fits(live, len(seqs))
             try:
-                step = self.cache.prepare_step([s.table for s in seqs], [1] * len(seqs))
+                step = self.cache.prepare_step([s.table for s in seqs], [1] * len(seqs), on_host=graph)
                 break
             except CacheFullError:
                 if len(live) == 1:
                     raise RuntimeError("KV pool exhausted by a single request (admission check failed)") from None
                 self._preempt(live[-1])
-        step.adapters = self._adapter_step(live, [len(r.seqs) for r in live], compute=False)
-        tokens = torch.tensor([s.tokens[-1] for s in seqs], device=self.cache.k.device)
-        logits = self.model.forward_step(tokens, step, self.cache.k, self.cache.v)  # (rows, vocab)
+        if graph:
+            row_slots = [r.slot for r in live for _ in r.seqs]
+            logits = self.graphs.run([s.tokens[-1] for s in seqs], step, row_slots)  # (rows, vocab)
+        else:
+            step.adapters = self._adapter_step(live, [len(r.seqs) for r in live], compute=False)
+            tokens = torch.tensor([s.tokens[-1] for s in seqs], device=self.cache.k.device)
+            logits = self.model.forward_step(tokens, step, self.cache.k, self.cache.v)  # (rows, vocab)
         done, row = [], 0
         for r in live:
             n = len(r.seqs)
@@ -285,6 +309,12 @@ class Engine:
                 done.append(r)
             row += n
         return done
+
+    def _graph_fits(self, live: list[Request], rows: int) -> bool:
+        """A static-shape step serves this decode: graphs on, a bucket that holds the rows, no LoRA row."""
+        if self.graphs is None or self.graphs.bucket(rows) is None:
+            return False
+        return not any(r.adapter is not None and self.adapters[r.adapter].low_rank for r in live)
 
     def _preempt(self, req: Request) -> None:
         self.num_preemptions += 1
@@ -386,24 +416,20 @@ class Engine:
         The request is checked and queued at once; other requests progress while it is consumed."""
         return self.stream_request(self.add_request(prompt, params, adapter))
 
+    def text_stream(self, req: Request) -> TextStream:
+        """The new-text tracker of a queued request (what stream_request yields, polled after each step)."""
+        return TextStream(req, self.tokenizer, self._stop_ids(req))
+
     def stream_request(self, req: Request) -> Iterator[str]:
-        detok = IncrementalDetokenizer(self.tokenizer, self._stop_ids(req))
-        # hold back what could be the start of a stop string until it is decided
-        hold = max((len(s) for s in req.params.stop), default=1) - 1
-        consumed = emitted = 0
-        while not req.finished:
-            self.step()
-            if req.params.beams > 1 or req.finished:
-                continue  # beams are final only at the end; a finished request's text is authoritative
-            for tok in req.output_ids[consumed:]:
-                detok.add(tok)
-            consumed = len(req.output_ids)
-            safe = len(detok.text) - hold
-            if safe > emitted:
-                yield detok.text[emitted:safe]
-                emitted = safe
-        if len(req.text) > emitted:
-            yield req.text[emitted:]
+        text = self.text_stream(req)
+        while True:
+            if not req.finished:
+                self.step()
+            piece = text.poll()
+            if piece:
+                yield piece
+            if req.finished:
+                return
 
 
 class IncrementalDetokenizer:
@@ -429,4 +455,35 @@ class IncrementalDetokenizer:
         piece = now[len(before) :]
         self.prefix, self.read = self.read, len(self.ids)
         self.text += piece
+        return piece
+
+
+class TextStream:
+    """A request's new text since the last `poll`, for whoever streams it (Engine.stream_request, the
+    server's engine thread): pieces never end inside a UTF-8 character, and text that could be the start
+    of a stop string is held back until it is decided. Once the request finished, the rest of its final
+    (authoritative) text; beams show text only then."""
+
+    def __init__(self, req: Request, tokenizer, stop_ids: frozenset[int]) -> None:
+        self.req = req
+        self.detok = IncrementalDetokenizer(tokenizer, stop_ids)
+        self.hold = max((len(s) for s in req.params.stop), default=1) - 1
+        self.consumed = self.emitted = 0
+
+    def poll(self) -> str:
+        req = self.req
+        if req.finished:
+            piece = req.text[self.emitted :]
+            self.emitted = max(self.emitted, len(req.text))
+            return piece
+        if req.params.beams > 1 or self.detok.tok is None:  # no tokenizer: token ids only, no text
+            return ""
+        for tok in req.output_ids[self.consumed :]:
+            self.detok.add(tok)
+        self.consumed = len(req.output_ids)
+        safe = len(self.detok.text) - self.hold
+        if safe <= self.emitted:
+            return ""
+        piece = self.detok.text[self.emitted : safe]
+        self.emitted = safe
         return piece

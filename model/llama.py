@@ -5,7 +5,6 @@ Shapes: B batch, T tokens, d model width, H / H_kv query / key-value heads, hd h
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from collections.abc import Callable
@@ -282,10 +281,6 @@ class Llama(nn.Module):
             x, h = self.tok_embeddings(tokens), None  # (M, d)
             cos_sin = self.rope_cos_sin[step.positions]  # (M, hd/2, 2)
             ad = step.adapters
-            if ad is not None and ad.row_slots.numel() > 1 and bool((ad.row_slots == ad.row_slots[0]).all()):
-                # every row reads one slot (a lone prompt, its beams): (1, width) scales broadcast over the
-                # rows instead of being gathered into an (M, width) copy per layer
-                ad = dataclasses.replace(ad, row_slots=ad.row_slots[:1])
             # decode: nothing to compute, so every layer's vectors come from one gather per pool
             gathered = None
             if ad is not None and not ad.compute:

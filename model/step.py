@@ -39,7 +39,7 @@ class AdapterStep:
     """
 
     pools: dict[str, torch.Tensor]  # "qkv" (q | k | v columns) / "u" → (n_layers, n_slots, width)
-    row_slots: torch.Tensor  # (M,) the pool row each packed row reads
+    row_slots: torch.Tensor  # (M,) the pool row each packed row reads, or (1,): one row for all
     # (adapter, packed rows holding each sequence's last prompt token (n,), their slots (n,))
     compute: list[tuple[Adapter, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     lora: list[tuple[Adapter, torch.Tensor | None]] = field(default_factory=list)  # (adapter, its rows | None: all)
