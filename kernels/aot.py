@@ -32,7 +32,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT's default; set
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from . import gated_up, linear_scale, paged_attention, rms_norm, rope  # noqa: E402
+from . import gated_up, linear_scale, paged_attention, rms_norm, rope, rope_kv  # noqa: E402
 
 DTYPES = ("fp16", "bf16")
 PTXAS_FLAGS = ("-lineinfo", "--regAllocOptLevel=2")  # what Triton's own cubin step passes
@@ -156,6 +156,27 @@ def variants(dtype: str) -> list[Variant]:
                     "stride_yt",
                     "stride_yh",
                 ),
+                constexprs={"BLOCK_HALF": 64},
+                label=_cfg_label(c, {"HALF": 64}),
+            )
+        )
+    for c in rope_kv.CONFIGS:
+        out.append(
+            Variant(
+                "rope_write_kv",
+                rope_kv.rope_write_kv_kernel,
+                c,
+                dtype,
+                ptrs={
+                    "x_ptr": "act",
+                    "cs_ptr": "fp32",
+                    "slot_ptr": "i64",
+                    "q_ptr": "act",
+                    "k_ptr": "act",
+                    "v_ptr": "act",
+                },
+                div16=("HALF", "stride_xm", "stride_cm", "stride_qm", "stride_qh", "stride_ks", "stride_kh")
+                + ("stride_vs", "stride_vh"),
                 constexprs={"BLOCK_HALF": 64},
                 label=_cfg_label(c, {"HALF": 64}),
             )

@@ -144,6 +144,19 @@ def write_kv(
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
 
 
+def rope_write_kv(
+    qkv: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+) -> torch.Tensor:
+    """`reference.rope_write_kv` with this backend's RoPE and KV write."""
+    return reference.rope_write_kv(qkv, cos_sin, k_cache, v_cache, slots, n_heads, n_kv_heads, rope, write_kv)
+
+
 def rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     """`reference.rope` as one complex multiply: (x0 + i·x1)(cos + i·sin) rotates each interleaved pair."""
     if x.dtype != torch.float32 or cos_sin.dtype != torch.float32 or x.stride(-1) != 1 or x.storage_offset() % 2:

@@ -67,6 +67,19 @@ class Ops(Protocol):
 
     def write_kv(self, k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Tensor, v: Tensor) -> None: ...
 
+    def rope_write_kv(
+        self,
+        qkv: Tensor,
+        cos_sin: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        slots: Tensor,
+        n_heads: int,
+        n_kv_heads: int,
+    ) -> Tensor:
+        """RoPE of the fused projection's Q and K heads, K and V written to the paged cache; returns Q."""
+        ...
+
     def paged_attention(
         self,
         q: Tensor,
@@ -132,6 +145,7 @@ class TorchOps:
     lora_add = staticmethod(reference.lora_add)
     attention = staticmethod(reference.attention)
     write_kv = staticmethod(reference.write_kv)
+    rope_write_kv = staticmethod(reference.rope_write_kv)
     paged_attention = staticmethod(reference.paged_attention)
     scope = staticmethod(nullcontext)
 
@@ -146,6 +160,7 @@ class CpuOps(TorchOps):
     linear_scale = staticmethod(cpu.linear_scale)
     gated_up = staticmethod(cpu.gated_up)
     write_kv = staticmethod(cpu.write_kv)
+    rope_write_kv = staticmethod(cpu.rope_write_kv)
     paged_attention = staticmethod(cpu.paged_attention)
     scope = staticmethod(cpu.single_torch_thread)
 
@@ -174,6 +189,7 @@ def _triton_ops() -> Ops:  # imported only when asked for: triton is heavy and C
     from kernels.paged_attention import paged_attention_decode
     from kernels.rms_norm import fused_rms_norm
     from kernels.rope import fused_rope
+    from kernels.rope_kv import fused_rope_write_kv
 
     def paged_decode_or_twin(
         q, k_cache, v_cache, block_tables, seq_lens, positions, row_to_seq, row_index, max_rows, contiguous_kv=None
@@ -196,6 +212,7 @@ def _triton_ops() -> Ops:  # imported only when asked for: triton is heavy and C
         rms_norm = staticmethod(_forward_only(fused_rms_norm, reference.rms_norm))
         add_rms_norm = staticmethod(_forward_only(fused_add_rms_norm, reference.add_rms_norm))
         rope = staticmethod(_forward_only(fused_rope, reference.rope))
+        rope_write_kv = staticmethod(_forward_only(fused_rope_write_kv, reference.rope_write_kv))
         linear_scale = staticmethod(_forward_only(fused_linear_scale, reference.linear_scale))
         gated_up = staticmethod(_forward_only(fused_gated_up, reference.gated_up))
         paged_attention = staticmethod(paged_decode_or_twin)

@@ -163,6 +163,28 @@ def write_kv(
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v.to(v_cache.dtype)
 
 
+def rope_write_kv(
+    qkv: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    rope_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    write_fn: Callable[..., None] | None = None,
+) -> torch.Tensor:
+    """RoPE of packed rows' Q and K heads; K and V written to the paged cache at `slots`; returns Q (M, H, hd).
+
+    qkv: (M, (H + 2 H_kv) hd) the fused projection's rows; cos_sin: (M, hd/2, 2); caches (N, bs, H_kv, hd).
+    `rope_fn` / `write_fn` replace this module's `rope` / `write_kv` (a backend's faster forms)."""
+    heads = qkv.unflatten(-1, (n_heads + 2 * n_kv_heads, -1))  # (M, H + 2 H_kv, hd), a view
+    qk = (rope_fn or rope)(heads[:, : n_heads + n_kv_heads], cos_sin)  # Q and K side by side: one call
+    q, k = qk.split([n_heads, n_kv_heads], dim=1)
+    (write_fn or write_kv)(k_cache, v_cache, slots, k, heads[:, n_heads + n_kv_heads :])
+    return q
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

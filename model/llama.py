@@ -89,15 +89,17 @@ class Attention(nn.Module):
         if any(lo.get(p) for p in "qkv"):
             parts = qkv.split(self.split, -1)  # Q | K | V columns
             qkv = torch.cat([_add_lora(ops, t, x, lo.get(p)) for t, p in zip(parts, "qkv")], -1)
-        # Q and K heads side by side: one RoPE call rotates both (a view, no copy)
-        qk = qkv[..., : self.split[0] + self.split[1]].unflatten(-1, (self.n_heads + self.n_kv_heads, self.head_dim))
-        # qk: (B, T | M, H + H_kv, hd)
-        q, k = ops.rope(qk, cos_sin).split([self.n_heads, self.n_kv_heads], dim=-2)  # (B, T | M, H | H_kv, hd)
-        v = qkv[..., -self.split[2] :].unflatten(-1, (self.n_kv_heads, self.head_dim))  # (B, T | M, H_kv, hd)
         if step is None:
+            # Q and K heads side by side: one RoPE call rotates both (a view, no copy)
+            qk = qkv[..., : self.split[0] + self.split[1]].unflatten(-1, (self.n_heads + self.n_kv_heads, -1))
+            q, k = ops.rope(qk, cos_sin).split([self.n_heads, self.n_kv_heads], dim=-2)  # (B, T, H | H_kv, hd)
+            v = qkv[..., -self.split[2] :].unflatten(-1, (self.n_kv_heads, self.head_dim))  # (B, T, H_kv, hd)
             out = ops.attention(q, k, v, causal=True)
         else:
-            ops.write_kv(k_cache, v_cache, step.slots, k, v)
+            # RoPE of Q and K and the cache write of K and V as one op (one kernel on triton)
+            q = ops.rope_write_kv(
+                qkv, cos_sin, k_cache, v_cache, step.slots, self.n_heads, self.n_kv_heads
+            )  # (M, H, hd)
             out = ops.paged_attention(
                 q,
                 k_cache,

@@ -587,7 +587,8 @@ def _tiny_engine(backend: str, n_layers: int):
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_decode_op_budget_is_per_layer(backend):
     """Each added layer adds the same count; on triton each layer makes exactly the model's 8 fused-kernel calls
-    (2 RMSNorms, the QKV, O and down projections, RoPE, the gated up projection, paged decode attention)."""
+    (2 RMSNorms, the QKV, O and down projections, RoPE with the KV write, the gated up projection, paged decode
+    attention) and launches nothing else."""
     from bench.opcount import decode_step_ops
     from infer.sampling import SamplingParams
     from model.peft import PARAConfig, create_adapter
@@ -606,6 +607,8 @@ def test_decode_op_budget_is_per_layer(backend):
         assert per_layer[0] == per_layer[1], (key, per_layer)
     kernels_per_layer = (counts[1]["kernels"] - counts[0]["kernels"]) / 2
     assert kernels_per_layer == (8 if backend == "triton" else 0)
+    if backend == "triton":  # and nothing else launches per layer: RoPE and the KV write are one kernel
+        assert (counts[1]["launches"] - counts[0]["launches"]) / 2 == 8
 
 
 def test_op_budget_targets():

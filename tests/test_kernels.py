@@ -30,7 +30,8 @@ from kernels.linear_scale import fused_linear_scale, linear_scale_kernel  # noqa
 from kernels.paged_attention import paged_attention_decode, reference_decode  # noqa: E402
 from kernels.rms_norm import fused_rms_norm  # noqa: E402
 from kernels.rope import fused_rope  # noqa: E402
-from tests.tolerance import KERNEL, LOW, Kind, assert_close  # noqa: E402
+from kernels.rope_kv import fused_rope_write_kv  # noqa: E402
+from tests.tolerance import KERNEL, LOW, Kind, assert_close, assert_far  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERPRETED = isinstance(linear_scale_kernel, InterpretedFunction)
@@ -212,6 +213,39 @@ def test_rope_head_blocks():
     close(fused_rope(x, cs, config={"BLOCK_H": 4}), ref.rope(x, cs))
 
 
+# ---------------------------------------------------------------- rope + KV write
+
+
+def rope_kv_case(M: int, H: int, H_kv: int, hd: int, g: torch.Generator, dtype=torch.float32, bs: int = 4):
+    """Packed rows' fused QKV output, their table rows, a partly filled pool, and distinct random slots."""
+    qkv = torch.randn(M, (H + 2 * H_kv) * hd, generator=g).to(dtype)
+    cs = table(hd, 500, True)[torch.randint(0, 500, (M,), generator=g)]
+    n_blocks = M // bs + 3
+    k_cache = torch.randn(n_blocks, bs, H_kv, hd, generator=g).to(dtype)
+    v_cache = torch.randn(n_blocks, bs, H_kv, hd, generator=g).to(dtype)
+    slots = torch.randperm(n_blocks * bs, generator=g)[:M]
+    return qkv, cs, k_cache, v_cache, slots
+
+
+@interp
+@pytest.mark.parametrize("M,H,H_kv,hd", [(1, 9, 3, 64), (3, 4, 4, 32), (17, 6, 2, 48), (130, 8, 1, 64)])
+@pytest.mark.parametrize("block_h", [None, 4])
+def test_rope_write_kv(M, H, H_kv, hd, block_h):
+    """Q returned rotated; K rotated and V copied into their slots; every other slot of the pool untouched."""
+    qkv, cs, kc, vc, slots = rope_kv_case(M, H, H_kv, hd, gen(M + H))
+    before = kc.clone(), vc.clone()
+    k_want, v_want = kc.clone(), vc.clone()
+    q_want = ref.rope_write_kv(qkv, cs, k_want, v_want, slots, H, H_kv)
+    q = fused_rope_write_kv(qkv, cs, kc, vc, slots, H, H_kv, config=None if block_h is None else {"BLOCK_H": block_h})
+    close(q, q_want)
+    close(kc, k_want)
+    close(vc, v_want)
+    # negative control: K written one slot off is caught by the same comparison
+    k_off, v_off = before[0].clone(), before[1].clone()
+    ref.rope_write_kv(qkv, cs, k_off, v_off, (slots + 1) % (kc.shape[0] * kc.shape[1]), H, H_kv)
+    assert_far(kc, k_off, KERNEL)
+
+
 # ---------------------------------------------------------------- paged attention
 
 
@@ -271,7 +305,9 @@ def test_paged_attention_decode_matches_engine_twin_call():
 
 
 @interp
-@pytest.mark.parametrize("kernel", ["linear_scale", "gated_up", "rms_norm", "rope", "paged_attention_decode"])
+@pytest.mark.parametrize(
+    "kernel", ["linear_scale", "gated_up", "rms_norm", "rope", "rope_write_kv", "paged_attention_decode"]
+)
 def test_fp16_under_interpreter(kernel):
     """The dtype plumbing (loads, fp32 math, the twin's roundings, stores) in fp16, at fp16 tolerance.
 
@@ -298,6 +334,12 @@ def test_fp16_under_interpreter(kernel):
     elif kernel == "rope":
         x, cs = torch.randn(2, 17, 9, 64, generator=g).to(h), table(64, 17, True)
         out, want = fused_rope(x, cs), ref.rope(x, cs)
+    elif kernel == "rope_write_kv":
+        qkv, cs, kc, vc, slots = rope_kv_case(17, 9, 3, 64, g, h)
+        k_want, v_want = kc.clone(), vc.clone()
+        want = ref.rope_write_kv(qkv, cs, k_want, v_want, slots, 9, 3)
+        out = fused_rope_write_kv(qkv, cs, kc, vc, slots, 9, 3)
+        close(torch.cat([kc, vc]), torch.cat([k_want, v_want]), LOW[h])
     else:
         q, k, v, bt, sl = paged_case([1, 17, 40], 12, 4, 64, 16, g)
         q, k, v = q.to(h), k.to(h), v.to(h)
@@ -357,7 +399,7 @@ def test_aot_one_kernel(tmp_path):
 def test_aot_full_sweep(tmp_path):
     """Every kernel × config × fp16/bf16 × sm_80/sm_90 compiles without spills (about 15 s on 2 cores)."""
     rows = run_aot(tmp_path, "--arch", "80,90")
-    kernels = {"linear_scale", "gated_up", "rms_norm", "rope", "paged_attention_decode"}
+    kernels = {"linear_scale", "gated_up", "rms_norm", "rope", "rope_write_kv", "paged_attention_decode"}
     assert {r["kernel"] for r in rows} == kernels
     assert {(r["dtype"], r["arch"]) for r in rows} == {(d, a) for d in ("fp16", "bf16") for a in (80, 90)}
     assert all(r["error"] is None and r["regs"] > 0 and r["spill_stores"] == r["spill_loads"] == 0 for r in rows)

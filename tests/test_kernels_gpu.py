@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from kernels import gated_up, linear_scale, paged_attention, rope  # noqa: E402
+from kernels import gated_up, linear_scale, paged_attention, rope, rope_kv  # noqa: E402
 from kernels import reference as ref  # noqa: E402
 from kernels.rms_norm import fused_rms_norm  # noqa: E402
 from tests.tolerance import KERNEL, LOW, assert_close  # noqa: E402
@@ -124,6 +124,27 @@ def test_rope(dtype, config):
     xk = rand(32, 8, HD, dtype=dtype, g=g)  # decode rows of 32 sequences, 8 kv heads, per-row positions
     pos = torch.randint(0, 8192, (32,), generator=g, device="cuda")
     close(rope.fused_rope(xk, cs[pos], config=cfg), ref.rope(xk.float(), cs[pos]), dtype)
+
+
+@pytest.mark.parametrize("config", [None, *range(len(rope_kv.CONFIGS))])
+@pytest.mark.parametrize("n_kv", [32, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_write_kv(dtype, n_kv, config):
+    """Decode rows of 32 sequences and a 130-row prefill: Q, and the K/V pool (written slots and untouched ones)."""
+    g = gen(5)
+    cs = ref.rope_table(ref.rope_frequencies(HD, 500000.0, scaled=True), 8192).cuda()
+    cfg = None if config is None else rope_kv.CONFIGS[config]
+    for M in (32, 130):
+        qkv = rand(M, (N_HEADS + 2 * n_kv) * HD, dtype=dtype, g=g)
+        pos = torch.randint(0, 8192, (M,), generator=g, device="cuda")
+        kc, vc = rand(2, 64, 16, n_kv, HD, dtype=dtype, g=g)
+        slots = torch.randperm(64 * 16, generator=g, device="cuda")[:M]
+        k32, v32 = kc.float(), vc.float()
+        q32 = ref.rope_write_kv(qkv.float(), cs[pos], k32, v32, slots, N_HEADS, n_kv)
+        q = rope_kv.fused_rope_write_kv(qkv, cs[pos], kc, vc, slots, N_HEADS, n_kv, config=cfg)
+        close(q, q32, dtype)
+        close(kc, k32, dtype)
+        close(vc, v32, dtype)
 
 
 @pytest.mark.parametrize("config", [None, *range(len(paged_attention.CONFIGS))])
