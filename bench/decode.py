@@ -66,6 +66,7 @@ from bench.parallama_rows import (  # noqa: E402
     tenant_adapters,
 )
 from bench.peers import bench_hf, load_hf_peer, peft_model  # noqa: E402
+from bench.profile import decode_profile, format_profile, remaining  # noqa: E402
 from bench.report import add_roof, find, format_summary, format_table, plot, summarize  # noqa: E402
 from infer.engine import Engine  # noqa: E402
 from infer.sampling import SamplingParams  # noqa: E402
@@ -194,6 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             engine.add_adapter("para", create_adapter(model, PARAConfig()))
         params = SamplingParams(max_new_tokens=3, ignore_eos=True)
         ops[method] = decode_step_ops(engine, ids, params, adapter=None if method == "base" else "para")
+    log("time by op of a decode step (base)")
+    profile = decode_profile(
+        Engine(model, num_blocks=math.ceil((len(ids) + 17) / 16) + 1),
+        ids,
+        SamplingParams(max_new_tokens=17, ignore_eos=True),
+    )
     weights = weight_bytes(model)
     bw_bytes = bandwidth_buffer_bytes(weights, None if a.device == "cuda" else l3_bytes())
     log(f"memory bandwidth before the runs ({bw_bytes / 2**20:.0f} MiB buffer)")
@@ -351,6 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = summarize(rows, kv, a.tenants) + budget_targets(ops, model.ops.backend)
     print("\nTargets (ratios measured in this run; '-' = reported, no goal):\n")
     print(format_summary(targets))
+    print(f"\nTime by op of a base decode step (backend {model.ops.backend}):\n")
+    print(format_profile(profile))
+    peer = find(rows, engine="llama.cpp", gguf_type="F32", method="base", beams=1, batch=1)
+    gap = remaining(profile, weights, peer["decode_tps"] if peer else None, "llama.cpp F32")
+    print("\nWhat remains:\n" + "\n".join(f"- {line}" for line in gap))
     if a.json:
         a.json.write_text(
             json.dumps(
@@ -361,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "rows": rows,
                     "kv_ragged": kv,
                     "ops_per_layer": ops,
+                    "decode_profile": profile,
+                    "remaining": gap,
                     "targets": targets,
                     "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
                 },

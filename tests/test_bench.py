@@ -620,3 +620,35 @@ def test_op_budget_targets():
     assert cpu["decode launches per layer (cpu backend, para, batch 1)"]["goal"] is None
     tri = {t["target"]: t for t in budget_targets(ops, "triton")}
     assert tri["decode launches per layer (triton backend, para, batch 1)"]["met"] is True
+
+
+def test_decode_profile_times_every_op_and_restores_them():
+    from bench.profile import decode_profile, format_profile
+    from infer.sampling import SamplingParams
+
+    engine = _tiny_engine("cpu", 2)
+    p = decode_profile(engine, list(range(1, 8)), SamplingParams(max_new_tokens=5, ignore_eos=True))
+    assert p["steps"] == 3  # 5 new tokens: the first engine step makes 2 (prefill, decode), 3 steps follow
+    assert {"linear_scale", "gated_up", "lm_head", "paged_attention", "rope_write_kv", "add_rms_norm"} <= set(
+        p["ops_ms"]
+    )
+    assert all(ms > 0 for ms in p["ops_ms"].values())
+    # hand count for 2 layers: Q|K|V, O and down projections per layer; the first layer's input norm has no
+    # residual to add, the final norm does
+    want = {"linear_scale": 6, "gated_up": 2, "lm_head": 1, "paged_attention": 2, "rope_write_kv": 2}
+    assert p["calls"] == {**want, "rms_norm": 1, "add_rms_norm": 4}
+    assert p["outside_ops_ms"] < p["step_ms"]
+    assert not any(callable(v) for v in vars(engine.model.ops).values())  # the shadowing wrappers are gone
+    assert "| **step** |" in format_profile(p)
+
+
+def test_remaining_arithmetic():
+    from bench.profile import remaining
+
+    p = {"step_ms": 50.0, "ops_ms": {"linear_scale": 20.0, "gated_up": 10.0, "lm_head": 5.0, "paged_attention": 3.0}}
+    p["outside_ops_ms"] = 7.0
+    one, two = remaining(p, 538_000_000, 50.0, "llama.cpp F32")
+    # 538 MB in 35 ms = 15.4 GB/s; the peer's step 20 ms = 26.9 GB/s; 35 / 20 = 1.75x, 15 / 20 = 0.75x
+    assert "projections 35.0 ms = 538 MB at 15.4 GB/s" in one and "everything else 15.0 ms" in one
+    assert "step 20.0 ms" in two and "26.9 GB/s" in two and "1.75x" in two and "0.75x" in two
+    assert len(remaining(p, 538_000_000, None, "llama.cpp F32")) == 1

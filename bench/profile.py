@@ -1,0 +1,108 @@
+"""Where a batch-1 decode step's time goes: milliseconds per step by op, the rest being Python and glue.
+
+Every op the model calls through its backend (`kernels/ops.py`) is timed by shadowing it on the model's ops
+object for the duration (as `bench.opcount` counts them); the output projection is told apart from the layers'
+projections by its weight. "outside ops" is the step's wall time minus the timed ops: the embedding, the
+tables' gathers, module calls, the engine's bookkeeping and sampling. Wall-clock timing of each call needs
+the device idle between calls, so on CUDA every op synchronises and the step is slower than untimed; the
+split, not the sum, is the result there.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kernels.ops import TorchOps
+
+OPS = [n for n in vars(TorchOps) if not n.startswith("_") and n not in ("backend", "scope")]
+
+
+def decode_profile(engine: Any, prompt: list[int], params: Any, adapter: str | None = None) -> dict[str, Any]:
+    """Median ms per decode step by op over one generation of `prompt` (its prefill and first step left out):
+    {"step_ms", "ops_ms": {op: ms}, "outside_ops_ms", "calls": {op: calls per step}, "steps"}."""
+    model = engine.model
+    ops = model.ops
+    cuda = model.tok_embeddings.weight.device.type == "cuda"
+    spent: Counter[str] = Counter()
+    calls: Counter[str] = Counter()
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def op(*args: Any, **kwargs: Any) -> Any:
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+            key = "lm_head" if name == "linear_scale" and args[1] is model.output.weight else name
+            spent[key] += time.perf_counter() - t
+            calls[key] += 1
+            return out
+
+        return op
+
+    for n in OPS:  # an instance attribute shadows the class's (shared ops object: removed after)
+        setattr(ops, n, timed(n, getattr(ops, n)))
+    steps: list[tuple[float, Counter[str], Counter[str]]] = []
+    try:
+        req = engine.add_request(prompt, params, adapter)
+        engine.step()  # the prefill and the first decode step
+        while not req.finished:
+            spent.clear()
+            calls.clear()
+            t = time.perf_counter()
+            engine.step()
+            steps.append((time.perf_counter() - t, Counter(spent), Counter(calls)))
+    finally:
+        for n in OPS:
+            delattr(ops, n)
+    if not steps:
+        raise ValueError("decode_profile: the generation ended before a decode step (raise max_new_tokens)")
+    names = sorted({k for _, c, _ in steps for k in c})
+    ops_ms = {k: 1e3 * statistics.median(c[k] for _, c, _ in steps) for k in names}
+    step_ms = 1e3 * statistics.median(s for s, _, _ in steps)
+    return {
+        "step_ms": step_ms,
+        "ops_ms": dict(sorted(ops_ms.items(), key=lambda kv: -kv[1])),
+        "outside_ops_ms": step_ms - sum(ops_ms.values()),
+        "calls": {k: statistics.median(n[k] for _, _, n in steps) for k in names},  # per step
+        "steps": len(steps),
+    }
+
+
+def format_profile(p: dict[str, Any]) -> str:
+    """One markdown table: ms per step and share for each op, then what lies outside the ops."""
+    lines = ["| op | ms per step | share |", "|---|---|---|"]
+    for name, ms in [*p["ops_ms"].items(), ("outside ops (Python, glue, sampling)", p["outside_ops_ms"])]:
+        lines.append(f"| {name} | {ms:.2f} | {ms / p['step_ms']:.0%} |")
+    lines.append(f"| **step** | **{p['step_ms']:.2f}** | median of {p['steps']} steps |")
+    return "\n".join(lines)
+
+
+GEMV_OPS = ("linear_scale", "gated_up", "lm_head")  # the ops that stream the weights
+
+
+def remaining(profile: dict[str, Any], weight_bytes: int, peer_decode_tps: float | None, peer: str) -> list[str]:
+    """The arithmetic of a decode-speed gap: this step's weight-streaming time and rate, the rest, and the
+    peer's whole step at the same bytes."""
+    gemv = sum(profile["ops_ms"].get(k, 0.0) for k in GEMV_OPS)
+    step = profile["step_ms"]
+    lines = [
+        f"parallama step {step:.1f} ms (profiled): projections {gemv:.1f} ms = {weight_bytes / 1e6:.0f} MB at "
+        f"{weight_bytes / gemv / 1e6:.1f} GB/s, everything else {step - gemv:.1f} ms "
+        f"(attention {profile['ops_ms'].get('paged_attention', 0.0):.1f}, outside ops {profile['outside_ops_ms']:.1f})"
+    ]
+    if peer_decode_tps:
+        peer_ms = 1e3 / peer_decode_tps
+        lines.append(
+            f"{peer} step {peer_ms:.1f} ms in all: the same {weight_bytes / 1e6:.0f} MB at "
+            f"{weight_bytes / peer_ms / 1e6:.1f} GB/s or faster; parallama's projections alone take "
+            f"{gemv / peer_ms:.2f}x that whole step, the other ops {(step - gemv) / peer_ms:.2f}x"
+        )
+    return lines
