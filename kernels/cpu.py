@@ -45,13 +45,31 @@ def _blas_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     )
 
 
+def _array(t: torch.Tensor) -> np.ndarray:
+    """An activation's numpy view (detached only when it needs it: each call is dispatcher time)."""
+    return t.detach().numpy() if t.requires_grad else t.numpy()
+
+
+def _weight_array(w: torch.Tensor) -> np.ndarray:
+    """A weight's numpy view, made once per tensor object (weights are used every step) and remade when the
+    tensor's storage moved (`p.data = ...`)."""
+    hit = getattr(w, "_numpy_view", None)
+    if hit is not None and hit[0] == w.data_ptr():
+        return hit[1]
+    arr = w.detach().numpy()
+    w._numpy_view = (w.data_ptr(), arr)
+    return arr
+
+
 def blas_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ wᵀ for x (..., K), w (N, K); numpy's BLAS when `_blas_ok`, else F.linear."""
     if not _blas_ok(x, w):
         return F.linear(x, w)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    wn, xn = w.detach().numpy(), x2.detach().numpy()  # wn (N, K) row-major: W @ x is BLAS's fast "N" GEMV
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    wn, xn = _weight_array(w), _array(x2)  # wn (N, K) row-major: W @ x is BLAS's fast "N" GEMV
     M, N = xn.shape[0], wn.shape[0]
     if M <= GEMV_ROWS:
         # OpenBLAS's sgemm is slow for a few rows (37 ms vs 26 ms for 3 rows over SmolLM2's weights here):
@@ -65,7 +83,8 @@ def blas_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
                 np.matmul(wn[c : c + step], xn[m], out=out[m, c : c + step])
     else:
         out = xn @ wn.T
-    return torch.from_numpy(out).view(*lead, w.shape[0])
+    y = torch.from_numpy(out)
+    return y if x.dim() == 2 else y.view(*lead, w.shape[0])
 
 
 def linear_scale(
@@ -110,6 +129,9 @@ def _stacked(w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor | None:
     ):
         return None
     n, k = w_gate.shape
+    base = w_gate._base
+    if base.shape == (2 * n, k) and base.is_contiguous() and base.storage_offset() == w_gate.storage_offset():
+        return base  # the stacked tensor itself (the model's w13): its numpy view is made once
     return w_gate.as_strided((2 * n, k), (k, 1))
 
 
@@ -119,7 +141,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype not in _EXACT or weight.dtype != x.dtype:
         return reference.rms_norm(x, weight, eps)
     if x.numel() == x.shape[-1] and _blas_ok(x, weight) and x.is_contiguous():
-        xn, wn = x.detach().numpy().reshape(-1), weight.detach().numpy()
+        xn, wn = _array(x).reshape(-1), _weight_array(weight)
         out = np.multiply(xn, wn)
         out *= 1.0 / np.sqrt(np.dot(xn, xn) / xn.shape[0] + eps)
         return torch.from_numpy(out).view(x.shape)

@@ -154,6 +154,16 @@ def test_blas_linear_is_used_for_inference_and_matches_the_twin(monkeypatch):
     monkeypatch.setattr(cpu, "GEMV_CHUNK_BYTES", 8 * 100 * 4)  # weight rows in chunks of 8: 8, 8, 8, 8, 5
     with torch.no_grad():
         assert_close(cpu.blas_linear(x3, w), torch.nn.functional.linear(x3, w), PATH)
+    with torch.no_grad():  # a weight's numpy view is kept on it; new storage (p.data = ...) is seen
+        y_old = cpu.blas_linear(x3, w)
+        w.data = torch.randn(37, 100, generator=g)
+        assert_close(cpu.blas_linear(x3, w), torch.nn.functional.linear(x3, w), PATH)
+        assert_far(cpu.blas_linear(x3, w), y_old, PATH)
+        w2 = torch.nn.Parameter(torch.randn(2 * 37, 100, generator=g))  # a stacked weight used in halves
+        gate, up = w2.split(37)
+        want = torch.nn.functional.silu(x3 @ gate.T) * (x3 @ up.T)
+        assert_close(cpu.gated_up(x3, gate, up), want, PATH)
+        assert cpu._stacked(gate, up) is w2  # its own numpy view, made once
     wg = w.clone().requires_grad_()
     assert not cpu._blas_ok(x, wg)  # autograd needs the twin
     assert not cpu._blas_ok(x.double(), w.double())
