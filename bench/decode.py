@@ -66,8 +66,8 @@ from bench.parallama_rows import (  # noqa: E402
     tenant_adapters,
 )
 from bench.peers import bench_hf, load_hf_peer, peft_model  # noqa: E402
-from bench.profile import decode_profile, format_profile, remaining  # noqa: E402
 from bench.report import add_roof, find, format_summary, format_table, plot, summarize  # noqa: E402
+from bench.step_profile import decode_profile, format_profile, remaining  # noqa: E402
 from infer.engine import Engine  # noqa: E402
 from infer.sampling import SamplingParams  # noqa: E402
 from model import Llama  # noqa: E402

@@ -623,7 +623,7 @@ def test_op_budget_targets():
 
 
 def test_decode_profile_times_every_op_and_restores_them():
-    from bench.profile import decode_profile, format_profile
+    from bench.step_profile import decode_profile, format_profile
     from infer.sampling import SamplingParams
 
     engine = _tiny_engine("cpu", 2)
@@ -643,7 +643,7 @@ def test_decode_profile_times_every_op_and_restores_them():
 
 
 def test_remaining_arithmetic():
-    from bench.profile import remaining
+    from bench.step_profile import remaining
 
     p = {"step_ms": 50.0, "ops_ms": {"linear_scale": 20.0, "gated_up": 10.0, "lm_head": 5.0, "paged_attention": 3.0}}
     p["outside_ops_ms"] = 7.0
