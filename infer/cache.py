@@ -10,6 +10,7 @@ block copies it (copy-on-write), so a fork costs nothing until the branches dive
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,7 @@ class PagedKVCache:
         shape = (args.n_layers, num_blocks + 1, block_size, args.n_kv_heads, args.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.on_copy: Callable[[int, int], None] | None = None
 
     @staticmethod
     def blocks_for_budget(args: ModelArgs, block_size: int, budget_bytes: int, dtype: torch.dtype) -> int:
@@ -118,8 +120,7 @@ class PagedKVCache:
         if table.num_tokens % bs and new_tokens and self.allocator.refcount[table.blocks[-1]] > 1:
             old = table.blocks[-1]
             new = self.allocator.allocate()
-            self.k[:, new].copy_(self.k[:, old])
-            self.v[:, new].copy_(self.v[:, old])
+            self.copy_block(old, new)
             self.allocator.release(old)
             table.blocks[-1] = new
         while len(table.blocks) * bs < table.num_tokens + new_tokens:
@@ -128,6 +129,14 @@ class PagedKVCache:
         blocks = torch.tensor(table.blocks, dtype=torch.long)
         table.num_tokens += new_tokens
         return blocks[pos // bs] * bs + pos % bs
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one block's K/V (every layer); `on_copy` sees it (a tensor-parallel driver repeats it on the
+        other ranks: infer/tp_engine.py)."""
+        self.k[:, dst].copy_(self.k[:, src])
+        self.v[:, dst].copy_(self.v[:, src])
+        if self.on_copy is not None:
+            self.on_copy(src, dst)
 
     def fork(self, table: BlockTable) -> BlockTable:
         """A child table sharing every block of the parent."""

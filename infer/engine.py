@@ -22,6 +22,7 @@ from infer.beam import BeamSearch
 from infer.cache import BlockTable, CacheFullError, PagedKVCache
 from infer.graphs import DecodeGraphs
 from infer.sampling import SamplingParams, sample_token
+from infer.text import TextStream
 from model import Llama
 from model.peft import Adapter
 from model.step import AdapterStep, scale_columns
@@ -95,7 +96,7 @@ class Engine:
         self.model = model
         self.tokenizer = model.tokenizer
         self.max_batch = max_batch
-        args = model.args
+        args = model.local_args  # this rank's KV heads under tensor parallelism (infer/tp_engine.py); else args
         weight = model.tok_embeddings.weight
         if num_blocks is None:
             budget = int(_free_memory_bytes(weight.device) * memory_fraction)
@@ -122,10 +123,12 @@ class Engine:
             raise ValueError(f"an adapter named {name!r} is already registered")
         self.model.check_adapter(adapter)
         w = self.model.tok_embeddings.weight
-        where = scale_columns(self.model.args)
+        where = scale_columns(self.model.local_args)  # pools hold this rank's columns
         for pool in {where[t][0] for t in adapter.scale_targets}:  # ones: other adapters' rows stay unscaled
             if pool not in self.pools:
-                self.pools[pool] = AdapterStep.make_pool(self.model.args, pool, self.max_batch + 1, w.dtype, w.device)
+                self.pools[pool] = AdapterStep.make_pool(
+                    self.model.local_args, pool, self.max_batch + 1, w.dtype, w.device
+                )
         self.adapters[name] = adapter.to(device=w.device, dtype=w.dtype).eval()
 
     def remove_adapter(self, name: str) -> None:
@@ -146,7 +149,7 @@ class Engine:
         for p in self.pools.values():
             p[:, req.slot] = 1  # adapters that scale a subset leave the rest at the identity
         if not adapter.prompt_aware:
-            where = scale_columns(self.model.args)
+            where = scale_columns(self.model.local_args)
             for i in range(self.model.args.n_layers):
                 for t, vec in adapter.scales(i, None).items():  # (1, width)
                     pool, cols = where[t]
@@ -430,60 +433,3 @@ class Engine:
                 yield piece
             if req.finished:
                 return
-
-
-class IncrementalDetokenizer:
-    """Text deltas from a growing id list, O(1) ids decoded per token: decode a short window with a
-    little left context and emit only what is new and complete (no trailing U+FFFD)."""
-
-    def __init__(self, tokenizer, skip: frozenset[int] = frozenset()) -> None:
-        self.tok = tokenizer
-        self.skip = skip
-        self.ids: list[int] = []
-        self.prefix = 0  # window start: context so a leading-space rule sees its left neighbour
-        self.read = 0  # ids before this are already shown
-        self.text = ""
-
-    def add(self, tok: int) -> str:
-        if tok in self.skip:
-            return ""
-        self.ids.append(tok)
-        before = self.tok.decode(self.ids[self.prefix : self.read])
-        now = self.tok.decode(self.ids[self.prefix :])
-        if len(now) <= len(before) or now.endswith("\ufffd"):
-            return ""
-        piece = now[len(before) :]
-        self.prefix, self.read = self.read, len(self.ids)
-        self.text += piece
-        return piece
-
-
-class TextStream:
-    """A request's new text since the last `poll`, for whoever streams it (Engine.stream_request, the
-    server's engine thread): pieces never end inside a UTF-8 character, and text that could be the start
-    of a stop string is held back until it is decided. Once the request finished, the rest of its final
-    (authoritative) text; beams show text only then."""
-
-    def __init__(self, req: Request, tokenizer, stop_ids: frozenset[int]) -> None:
-        self.req = req
-        self.detok = IncrementalDetokenizer(tokenizer, stop_ids)
-        self.hold = max((len(s) for s in req.params.stop), default=1) - 1
-        self.consumed = self.emitted = 0
-
-    def poll(self) -> str:
-        req = self.req
-        if req.finished:
-            piece = req.text[self.emitted :]
-            self.emitted = max(self.emitted, len(req.text))
-            return piece
-        if req.params.beams > 1 or self.detok.tok is None:  # no tokenizer: token ids only, no text
-            return ""
-        for tok in req.output_ids[self.consumed :]:
-            self.detok.add(tok)
-        self.consumed = len(req.output_ids)
-        safe = len(self.detok.text) - self.hold
-        if safe <= self.emitted:
-            return ""
-        piece = self.detok.text[self.emitted : safe]
-        self.emitted = safe
-        return piece

@@ -14,16 +14,19 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from infer.engine import Engine
+from infer.cli import ArgumentParser, add_device_args, device_and_dtype
 from infer.sampling import SamplingParams
+from infer.tp_engine import make_engine
 
 if TYPE_CHECKING:
     from infer.pillow import Pool
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m infer.generate", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default", help="'default', a .gguf file, a Meta or an HF directory")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: run under torchrun --nproc-per-node TP")
+    add_device_args(p)
     p.add_argument("--prompt", action="append", required=True, help="may be given several times (batched)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"--adapter given {len(a.adapter)} times for {len(a.prompt)} prompts: give it once or once per prompt"
             )
         pool = _read_pool(a)
+        device, dtype = device_and_dtype(a)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -73,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     from weights.adapters import load_adapter
 
     try:
-        model = Llama.from_pretrained(a.model)
+        model = Llama.from_pretrained(a.model, dtype=dtype, device=device, tp=a.tp)
         if model.tokenizer is None:
             raise ValueError(f"{a.model} has no tokenizer; text prompts need one")
-        engine = Engine(model)
+        engine = make_engine(model)  # a TPEngine across --tp ranks (infer/tp_engine.py)
         names = [None if d in (None, "none") else d for d in adapters]
         for d in dict.fromkeys(n for n in names if n is not None):
             engine.add_adapter(d, load_adapter(d, model))
@@ -88,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
             pillow = Pillow.load(a.matcher, model, pool, shots=a.shots)
             prompts, chosen = pillow.prompts(a.prompt, chat=a.chat)
+        if not getattr(engine, "is_driver", True):  # --tp: ranks > 0 run rank 0's steps until it is done
+            return engine.run_worker()
         reqs = [engine.add_request(p, params, adapter=n) for p, n in zip(prompts, names)]
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

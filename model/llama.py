@@ -21,6 +21,7 @@ from model.checks import check_adapter, check_prompt_lens, check_tensors
 from model.peft.base import Adapter, LoRADelta
 from model.stacked import stacked_weight
 from model.step import StepBatch
+from model.tp import SINGLE, TensorParallel
 
 AdapterLayer = tuple[dict[str, torch.Tensor] | None, dict[str, list[LoRADelta]] | None]  # scales, LoRA
 
@@ -57,9 +58,10 @@ def _project(
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, ops: Ops = TORCH_OPS) -> None:
+    def __init__(self, args: ModelArgs, ops: Ops = TORCH_OPS, tp: TensorParallel = SINGLE) -> None:
+        """args: this rank's shapes (`TensorParallel.local_args`: its heads under tensor parallelism)."""
         super().__init__()
-        self.ops = ops
+        self.ops, self.tp = ops, tp
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.split = [args.q_dim, args.kv_dim, args.kv_dim]
         # Meta's wq | wk | wv stacked by rows, so Q, K and V are one GEMM with one scale epilogue; state
@@ -113,7 +115,8 @@ class Attention(nn.Module):
                 contiguous_kv=step.contiguous_kv,
             )
         out = out.reshape(*lead, -1)  # (B, T | M, H · hd)
-        return _project(ops, out, self.wo.weight, lora=lo.get("o"))
+        # row-parallel wo: each rank's heads give a partial sum (LoRA's A is cut the same way), summed here
+        return self.tp.all_reduce(_project(ops, out, self.wo.weight, lora=lo.get("o")))
 
     def _qkv_scale(self, s: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The fused scale: given (engine pools) or stacked from per-projection vectors, 1 where absent."""
@@ -128,9 +131,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x); Meta's w1 = gate, w3 = up, w2 = down."""
 
-    def __init__(self, dim: int, hidden_dim: int, ops: Ops = TORCH_OPS) -> None:
+    def __init__(self, dim: int, hidden_dim: int, ops: Ops = TORCH_OPS, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.ops = ops
+        self.ops, self.tp = ops, tp
         self.hidden_dim = hidden_dim
         # w1 | w3 stacked by rows (state dicts still say feed_forward.w1/w3.weight): gate and up are
         # adjacent row blocks of one tensor, which a backend may run as one GEMM
@@ -149,14 +152,14 @@ class FeedForward(nn.Module):
             hidden = F.silu(gate) * _project(ops, x, w_up, scale_u, lo.get("up"))
         else:
             hidden = ops.gated_up(x, w_gate, w_up, scale_u=scale_u)
-        return _project(ops, hidden, self.w2.weight, lora=lo.get("down"))
+        return self.tp.all_reduce(_project(ops, hidden, self.w2.weight, lora=lo.get("down")))  # row-parallel w2
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs, ops: Ops = TORCH_OPS) -> None:
+    def __init__(self, args: ModelArgs, ops: Ops = TORCH_OPS, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.attention = Attention(args, ops)
-        self.feed_forward = FeedForward(args.dim, args.ffn_dim, ops)
+        self.attention = Attention(args, ops, tp)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim, ops, tp)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps, ops)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, ops)
 
@@ -186,16 +189,20 @@ class TransformerBlock(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, args: ModelArgs, backend: str = "torch") -> None:
+    def __init__(self, args: ModelArgs, backend: str = "torch", tp: TensorParallel | None = None) -> None:
         """backend: "torch" (the PyTorch reference ops), "triton" (fused kernels) or "cpu" (BLAS GEMMs),
-        fixed here for every layer (kernels/ops.py). `from_pretrained` resolves "auto" and PARALLAMA_BACKEND."""
+        fixed here for every layer (kernels/ops.py). `from_pretrained` resolves "auto" and PARALLAMA_BACKEND.
+        tp: this rank's place in a tensor-parallel group (model/tp.py); the layers then hold its heads, FFN
+        columns and vocab rows (`local_args`), and `args` still describes the whole model."""
         super().__init__()
         self.args = args
+        self.tp = tp = tp or SINGLE
+        self.local_args = local = tp.local_args(args)  # == args without tensor parallelism
         self.ops = ops = get_ops(backend)
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args, ops) for _ in range(args.n_layers))
+        self.tok_embeddings = tp.make_embedding(args)
+        self.layers = nn.ModuleList(TransformerBlock(local, ops, tp) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, ops)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = nn.Linear(args.dim, tp.vocab_rows(args)[2], bias=False)  # its vocab rows (all of them: tp 1)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.tokenizer: Any = None  # a weights.tokenizer.Tokenizer, set by from_pretrained
@@ -238,7 +245,7 @@ class Llama(nn.Module):
         """
         h = self.hidden_states(tokens, adapter, prompt_lens)
         with self.ops.scope():
-            return self.ops.linear_scale(h, self.output.weight).float()
+            return self.tp.gather_last(self.ops.linear_scale(h, self.output.weight), self.args.vocab_size).float()
 
     def hidden_states(
         self,
@@ -269,7 +276,12 @@ class Llama(nn.Module):
 
     def check_adapter(self, adapter: Adapter) -> None:
         """A clear error for an object that is not an adapter, or one made for a model of another shape."""
-        check_adapter(adapter, self.args)
+        if self.tp.size > 1 and getattr(adapter, "tp_shard", None) is None and isinstance(adapter, Adapter):
+            raise ValueError(
+                f"{adapter.method} adapter is whole; under tensor parallelism each rank uses its shard "
+                "(weights.load_adapter slices at load; or model.tp.shard_adapter(adapter, model.args))"
+            )
+        check_adapter(adapter, self.local_args)  # under tensor parallelism: this rank's shard of the adapter
 
     def forward_step(
         self, tokens: torch.Tensor, step: StepBatch, k_cache: torch.Tensor, v_cache: torch.Tensor
@@ -293,7 +305,8 @@ class Llama(nn.Module):
                 x, h = layer(x, h, cos_sin, step, k_cache[i], v_cache[i], adapter=hook)
             if step.logit_rows is not None:
                 x, h = x[step.logit_rows], h[step.logit_rows]
-            return self.ops.linear_scale(self.norm.add(x, h)[0], self.output.weight).float()
+            logits = self.ops.linear_scale(self.norm.add(x, h)[0], self.output.weight)  # (R, vocab / tp)
+            return self.tp.gather_last(logits, self.args.vocab_size).float()
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Adopt a Meta-named state dict (tensors are used as given: no copy when dtype matches).
@@ -315,14 +328,17 @@ class Llama(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         backend: str = "auto",
+        tp: int = 1,
         **overrides: Any,
     ) -> Llama:
         """Load "default" (SmolLM2-135M-Instruct), a Meta dir, an HF dir or a .gguf file.
 
         backend: "auto" (triton on CUDA, cpu elsewhere), "torch", "triton" or "cpu"; the environment
         variable PARALLAMA_BACKEND overrides it. `overrides` replace ModelArgs fields (e.g.
-        max_seq_len=4096). Returns the model in eval mode with `.tokenizer` and `.args`.
+        max_seq_len=4096). tp > 1: this process's tensor-parallel shard, under `torchrun --nproc-per-node tp`
+        (each rank reads only its part of the files; model/tp.py). Returns the model in eval mode with
+        `.tokenizer` and `.args`.
         """
         from weights.build import load_model  # the one place model/ reaches up: files are weights/' job
 
-        return load_model(source, dtype=dtype, device=device, backend=backend, **overrides)
+        return load_model(source, dtype=dtype, device=device, backend=backend, tp=tp, **overrides)

@@ -76,3 +76,27 @@ def test_adapter_per_prompt(tmp_path, capsys, smollm2):
     assert "--adapter given 2 times for 3 prompts" in capsys.readouterr().err
     assert main(["--prompt", "a", "--adapter", str(tmp_path / "missing")]) == 2
     assert "not an adapter directory" in capsys.readouterr().err
+
+
+def test_device_and_dtype_reach_the_model(monkeypatch, capsys, smollm2):
+    """--device / --dtype go to Llama.from_pretrained; a bad pair exits 2 with one line before any load."""
+    from model import Llama
+    from tests.serve_helpers import tiny_model
+
+    tiny, seen = tiny_model(smollm2.tokenizer), {}  # fast steps, the real tokenizer
+    monkeypatch.setattr(Llama, "from_pretrained", lambda source, **kw: seen.update(source=source, **kw) or tiny)
+    assert main(["--json", "--dtype", "bfloat16", "--max-new-tokens", "2", "--prompt", "Hi"]) == 0
+    assert (seen["dtype"], seen["device"]) == (torch.bfloat16, torch.device("cpu"))
+    assert main(["--json", "--max-new-tokens", "2", "--prompt", "Hi"]) == 0
+    assert (seen["dtype"], seen["device"]) == (torch.float32, torch.device("cpu"))  # the defaults
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["--dtype", "float64", "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "float64" in err
+    seen.clear()
+    assert main(["--device", "tpu0", "--prompt", "x"]) == 2
+    assert "not a device" in capsys.readouterr().err and not seen
+    if not torch.cuda.is_available():
+        assert main(["--device", "cuda", "--prompt", "x"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err and not seen

@@ -7,8 +7,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from infer.engine import Engine, IncrementalDetokenizer
+from infer.engine import Engine
 from infer.sampling import SamplingParams, filter_logits, sample_token
+from infer.text import IncrementalDetokenizer
 from model import Llama, ModelArgs
 from tests.tolerance import PATH
 
@@ -209,3 +210,31 @@ def test_preemption_recomputes_without_corrupting_others(tiny):
         solo.generate(p, SamplingParams(max_new_tokens=12, beams=2, ignore_eos=True))[0].token_ids for p in prompts
     ]
     assert eng.cache.allocator.num_free == 22
+
+
+def test_abort_frees_blocks_and_slot_at_once(tiny):
+    """Engine.abort on a running (PARA, holding a pool slot) and a waiting request: blocks and slot are free on
+    return, and the request left running still equals its solo run."""
+    from model.peft import PARAConfig, create_adapter
+
+    eng = Engine(tiny, num_blocks=32, block_size=4, max_batch=2)
+    eng.add_adapter("para", create_adapter(tiny, PARAConfig()))
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    keep = eng.add_request([1, 2, 3], params)
+    running = eng.add_request([4, 5, 6, 7, 8], params, adapter="para")
+    waiting = eng.add_request([9, 10], params)  # max_batch 2: it waits
+    for _ in range(3):
+        eng.step()
+    assert running in eng.running and waiting in eng.waiting and running.slot
+    used = eng.cache.num_blocks - eng.cache.allocator.num_free
+    eng.abort(running)
+    eng.abort(waiting)
+    assert (running.finish_reason, waiting.finish_reason) == ("abort", "abort")
+    assert running not in eng.running and waiting not in eng.waiting and running.slot == 0
+    assert eng.cache.num_blocks - eng.cache.allocator.num_free == used - 2  # its 5 + 3 tokens: two blocks of 4
+    assert len(eng.free_slots) == eng.max_batch
+    eng.abort(running)  # a finished request is left as is
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.cache.allocator.num_free == eng.cache.num_blocks
+    assert keep.output_ids == Engine(tiny, num_blocks=32, block_size=4).generate([1, 2, 3], params)[0].token_ids

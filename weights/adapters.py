@@ -46,6 +46,8 @@ def write_adapter(adapter: Adapter, directory: Path) -> None:
 def save_adapter(adapter: Adapter, directory: str | os.PathLike[str]) -> Path:
     """Write the adapter into `directory` (created, or replaced whole if it holds only an adapter's files)."""
     target = Path(directory)
+    if getattr(adapter, "tp_shard", None) is not None:
+        raise AdapterError(f"{target}: this is one tensor-parallel rank's shard of an adapter; save the whole adapter")
     if target.exists():
         if not target.is_dir():
             raise AdapterError(f"{target}: exists and is not a directory")
@@ -121,8 +123,11 @@ def load_adapter(directory: str | os.PathLike[str], model: Llama, check_base: bo
     adapter = METHODS[method].from_file(model.args, config, where)
     check_tensors(tensors, adapter.file_tensors(), str(directory / WEIGHTS), AdapterError)
     adapter.load_file_tensors(tensors, where)
+    adapter.base_fingerprint = model_fingerprint(model)
+    tp = getattr(model, "tp", None)
+    if tp is not None and tp.size > 1:  # one file for every tp: each rank keeps its slice (model/tp.py)
+        adapter = tp.shard_adapter(adapter, model.args)
     w = model.tok_embeddings.weight
     adapter = adapter.to(device=w.device, dtype=w.dtype).eval()
-    adapter.base_fingerprint = model_fingerprint(model)
     model.requires_grad_(False)
     return adapter

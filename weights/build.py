@@ -18,10 +18,15 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     backend: str = "auto",
+    tp: int = 1,
     **overrides: Any,
 ) -> Llama:
     """`Llama.from_pretrained`'s body: arguments as documented there."""
     backend = resolve_backend(backend, device)  # before the (slow) load: a bad backend answers at once
+    if tp != 1:  # each rank reads only its slices: nothing below ever holds the whole model
+        from weights.sharded import load_model_shard
+
+        return load_model_shard(source, tp, dtype=dtype, device=device, backend=backend, **overrides)
     ckpt = load_checkpoint(source)
     args = ckpt.args
     if overrides:

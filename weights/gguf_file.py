@@ -65,35 +65,13 @@ def _rope_scaling(freq_factors: np.ndarray, head_dim: int, theta: float, path: P
     raise CheckpointError(f"{path}: rope_freqs.weight matches no Llama 3 rope scaling (factors 2–32)")
 
 
-def load_gguf(path: str | Path) -> Checkpoint:
-    import gguf
-
-    from weights.hf_tokenizer import HFTokenizer
-
-    path = Path(path)
-    reader = _open(path)
-    meta = read_gguf_metadata(path, reader)
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise CheckpointError(f"{path}: general.architecture '{arch}' is not supported (only 'llama')")
+def gguf_args(path: Path, meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], rope_freqs: Any) -> ModelArgs:
+    """ModelArgs from a GGUF's metadata; `shapes` (GGUF tensor name → (rows, cols)) fill in a missing vocab size
+    and tell a tied head; `rope_freqs` (the rope_freqs tensor, None if absent) carries Llama 3.x scaling."""
 
     def field(name: str, default: Any = None) -> Any:
         key = f"llama.{name}"
         return require(meta, key, path) if default is None else meta.get(key, default)
-
-    tensors = {}
-    rope_freqs = None
-    for t in reader.tensors:
-        try:
-            data = gguf.quants.dequantize(t.data, t.tensor_type)
-            arr = np.array(data, dtype=np.float32, copy=True).reshape(tuple(reversed(t.shape.tolist())))
-        except Exception as e:
-            what = f"tensor {t.name} ({t.tensor_type.name})"
-            raise CheckpointError(f"{path}: {what} cannot be read: {brief(e)}") from None
-        if t.name == "rope_freqs.weight":
-            rope_freqs = arr
-            continue
-        tensors[t.name] = torch.from_numpy(arr)
 
     try:  # metadata of the wrong type, or a rope_freqs tensor of the wrong size, is a bad file too
         n_heads = int(field("attention.head_count"))
@@ -102,12 +80,12 @@ def load_gguf(path: str | Path) -> Checkpoint:
         theta = float(field("rope.freq_base", 10000.0))
         scale_factor = _rope_scaling(rope_freqs, head_dim, theta, path) if rope_freqs is not None else None
         vocab = meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
-        args = ModelArgs(
+        return ModelArgs(
             dim=dim,
             n_layers=int(field("block_count")),
             n_heads=n_heads,
             n_kv_heads=int(field("attention.head_count_kv", n_heads)),
-            vocab_size=int(vocab) or tensors["token_embd.weight"].shape[0],
+            vocab_size=int(vocab) or shapes["token_embd.weight"][0],
             hidden_dim=int(field("feed_forward_length")),
             head_dim=head_dim,
             norm_eps=float(field("attention.layer_norm_rms_epsilon", 1e-5)),
@@ -115,7 +93,7 @@ def load_gguf(path: str | Path) -> Checkpoint:
             use_scaled_rope=scale_factor is not None,
             rope_scale_factor=scale_factor or 8.0,
             max_seq_len=int(field("context_length", 2048)),
-            tie_embeddings="output.weight" not in tensors,
+            tie_embeddings="output.weight" not in shapes,
         )
     except CheckpointError:
         raise
@@ -124,15 +102,61 @@ def load_gguf(path: str | Path) -> Checkpoint:
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise CheckpointError(f"{path}: {brief(e)}") from None
 
-    sd = {}
-    for name, t in tensors.items():
-        if name in _TOP_NAMES:
-            sd[_TOP_NAMES[name]] = t
-            continue
-        parts = name.split(".")  # blk.N.attn_q.weight
-        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _LAYER_NAMES:
-            raise CheckpointError(f"{path}: unexpected tensor {name}")
-        sd[f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"] = t
+
+def meta_name(name: str, path: Path) -> str:
+    """A GGUF tensor name (blk.N.attn_q.weight) → Meta's (layers.N.attention.wq.weight)."""
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    parts = name.split(".")  # blk.N.attn_q.weight
+    if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _LAYER_NAMES:
+        raise CheckpointError(f"{path}: unexpected tensor {name}")
+    return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+
+
+def gguf_tokenizer(meta: dict[str, Any], path: Path) -> object:
+    from weights.hf_tokenizer import HFTokenizer
+
     has_tokenizer = "tokenizer.ggml.model" in meta
-    tokenizer = load_tokenizer(lambda: HFTokenizer.from_gguf_metadata(meta), path) if has_tokenizer else None
-    return Checkpoint(args=args, state_dict=sd, tokenizer=tokenizer, path=path)
+    return load_tokenizer(lambda: HFTokenizer.from_gguf_metadata(meta), path) if has_tokenizer else None
+
+
+def open_gguf(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """(the gguf reader, the metadata): a memory map, nothing dequantized yet."""
+    path = Path(path)
+    reader = _open(path)
+    meta = read_gguf_metadata(path, reader)
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path}: general.architecture '{arch}' is not supported (only 'llama')")
+    return reader, meta
+
+
+def dequantize(t: Any, rows: slice = slice(None), path: Path | None = None) -> np.ndarray:
+    """Rows of a GGUF tensor as float32 (rows, cols) (1-D tensors: (n,)); a reader tensor's data is its raw
+    rows, so a row slice dequantizes only those."""
+    import gguf
+
+    try:
+        data = t.data if t.data.ndim == 1 else t.data[rows]
+        out = gguf.quants.dequantize(data, t.tensor_type)
+        shape = tuple(reversed(t.shape.tolist()))
+        return np.array(out, dtype=np.float32, copy=True).reshape(-1, *shape[1:])
+    except Exception as e:
+        what = f"tensor {t.name} ({t.tensor_type.name})"
+        raise CheckpointError(f"{path}: {what} cannot be read: {brief(e)}") from None
+
+
+def load_gguf(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    reader, meta = open_gguf(path)
+    tensors = {}
+    rope_freqs = None
+    for t in reader.tensors:
+        arr = dequantize(t, path=path)
+        if t.name == "rope_freqs.weight":
+            rope_freqs = arr.reshape(-1)
+            continue
+        tensors[t.name] = torch.from_numpy(arr.reshape(tuple(reversed(t.shape.tolist()))))
+    args = gguf_args(path, meta, {k: tuple(v.shape) for k, v in tensors.items()}, rope_freqs)
+    sd = {meta_name(name, path): t for name, t in tensors.items()}
+    return Checkpoint(args=args, state_dict=sd, tokenizer=gguf_tokenizer(meta, path), path=path)

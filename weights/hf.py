@@ -73,7 +73,7 @@ def args_from_config(cfg: dict, path: Path) -> ModelArgs:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def _safetensors_files(d: Path) -> list[Path]:
+def safetensors_files(d: Path) -> list[Path]:
     index = d / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -105,37 +105,50 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return out
 
 
+def hf_to_meta(name: str, source: Path) -> str | None:
+    """An HF tensor name → Meta's (None: a derived buffer to skip); unknown names are a CheckpointError."""
+    if name.endswith("rotary_emb.inv_freq"):
+        return None  # a derived buffer some old exports saved
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    m = _LAYER_RE.match(name)
+    if not m or m.group(2) not in _LAYER_NAMES:
+        raise CheckpointError(f"{source}: unexpected tensor {name}")
+    return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
+
+
+def rope_heads(meta: str, rows: int, args: ModelArgs) -> int | None:
+    """How many RoPE heads `rows` rows of wq / wk hold (their rows are un-permuted per head); None otherwise."""
+    if meta.endswith(("attention.wq.weight", "attention.wk.weight")) and rows and rows % args.head_dim == 0:
+        return rows // args.head_dim
+    return None  # (a wrong row count is left for the shape check to name)
+
+
 def to_meta_names(hf: dict[str, torch.Tensor], args: ModelArgs, source: Path) -> dict[str, torch.Tensor]:
     sd = {}
     for name, t in hf.items():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue  # a derived buffer some old exports saved
-        if name in _TOP_NAMES:
-            sd[_TOP_NAMES[name]] = t
+        meta = hf_to_meta(name, source)
+        if meta is None:
             continue
-        m = _LAYER_RE.match(name)
-        if not m or m.group(2) not in _LAYER_NAMES:
-            raise CheckpointError(f"{source}: unexpected tensor {name}")
-        meta = f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
-        if m.group(2) == "self_attn.q_proj":
-            t = rows_from_hf(t, args.n_heads)
-        elif m.group(2) == "self_attn.k_proj":
-            t = rows_from_hf(t, args.n_kv_heads)
-        sd[meta] = t
+        heads = rope_heads(meta, t.shape[0], args)
+        sd[meta] = t if heads is None else rows_from_hf(t, heads)
     if args.tie_embeddings:
         sd.pop("output.weight", None)  # some exports save the tied head too
     return sd
 
 
-def load_hf(directory: str | Path) -> Checkpoint:
+def hf_tokenizer(d: Path) -> object:
     from weights.hf_tokenizer import HFTokenizer
 
+    has_tokenizer = (d / "tokenizer.json").exists() or (d / "tokenizer.model").exists()
+    # weights alone are still usable by id; the tokenizer's own message names its file
+    return load_tokenizer(lambda: HFTokenizer.from_dir(d)) if has_tokenizer else None
+
+
+def load_hf(directory: str | Path) -> Checkpoint:
     d = Path(directory)
     cfg_path = d / "config.json"
     cfg = read_json(cfg_path)
     args = args_from_config(cfg, cfg_path)
-    sd = to_meta_names(read_safetensors(_safetensors_files(d)), args, d)
-    has_tokenizer = (d / "tokenizer.json").exists() or (d / "tokenizer.model").exists()
-    # weights alone are still usable by id; the tokenizer's own message names its file
-    tokenizer = load_tokenizer(lambda: HFTokenizer.from_dir(d)) if has_tokenizer else None
-    return Checkpoint(args=args, state_dict=sd, tokenizer=tokenizer, path=d)
+    sd = to_meta_names(read_safetensors(safetensors_files(d)), args, d)
+    return Checkpoint(args=args, state_dict=sd, tokenizer=hf_tokenizer(d), path=d)

@@ -31,6 +31,9 @@ def model_fingerprint(model: Any) -> dict[str, Any]:
     )
     if any(w.device.type == "meta" for w in weights):
         return fp
+    tp = getattr(model, "tp", None)
+    if tp is not None and tp.size > 1:  # a tensor-parallel rank: the same values of the whole tensors
+        weights = tp.fingerprint_tensors(model)
     h = hashlib.sha256()
     for w in weights:
         w = w.detach().flatten()[:4096].float()
