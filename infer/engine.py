@@ -160,9 +160,12 @@ class Engine:
             self.free_slots.append(req.slot)
             req.slot = 0
 
-    def _adapter_step(self, reqs: list[Request], counts: list[int], compute: bool) -> AdapterStep | None:
+    def _adapter_step(
+        self, reqs: list[Request], counts: list[int], compute: bool, row_to_seq: torch.Tensor | None = None
+    ) -> AdapterStep | None:
         """Per-row adapters for a step over `reqs` (counts[j] packed rows each): pool slots, LoRA row
-        groups, and with `compute`, the rows of each PARA sequence's last prompt token."""
+        groups, and with `compute`, the rows of each PARA sequence's last prompt token. row_to_seq: the
+        step's row → request map when each request is one sequence (prefill): scales then stay per request."""
         if not any(r.adapter is not None for r in reqs):
             return None
         dev = self.cache.k.device
@@ -189,9 +192,14 @@ class Engine:
         ]
         scaled = any(slots) or todo
         pools = self.pools if scaled else {}  # no scaled row: skip the identity multiplies
+        rows = None
         if len(set(slots)) == 1:  # one slot for every row (a lone prompt, its beams): (1, width) scales broadcast
             slots = slots[:1]
-        return AdapterStep(pools=pools, row_slots=torch.tensor(slots, device=dev), compute=todo, lora=lora)
+        elif row_to_seq is not None and len(slots) > len(reqs):  # prefill: one slot per sequence, not per row
+            slots, rows = [r.slot for r in reqs], row_to_seq
+        return AdapterStep(
+            pools=pools, row_slots=torch.tensor(slots, device=dev), row_to_seq=rows, compute=todo, lora=lora
+        )
 
     # ---- submission ----------------------------------------------------------------------------
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -279,7 +287,7 @@ class Engine:
         seqs = [r.seqs[0] for r in reqs]
         counts = [len(s.tokens) for s in seqs]
         step = self.cache.prepare_step([s.table for s in seqs], counts)
-        step.adapters = self._adapter_step(reqs, counts, compute=True)
+        step.adapters = self._adapter_step(reqs, counts, compute=True, row_to_seq=step.row_to_seq)
         tokens = torch.tensor([t for s in seqs for t in s.tokens], device=self.cache.k.device)
         logits = self.model.forward_step(tokens, step, self.cache.k, self.cache.v)  # (R, vocab)
         return [r for i, r in enumerate(reqs) if self._advance(r, logits[i : i + 1])]

@@ -136,6 +136,7 @@ class TPEngine(Engine):
             adapters = {
                 "scaled": bool(ad.pools),
                 "row_slots": _np(ad.row_slots),
+                "row_to_seq": _np(ad.row_to_seq),
                 "compute": [(names[id(a)], _np(rows), _np(slots)) for a, rows, slots in ad.compute],
                 "lora": [(names[id(a)], _np(rows)) for a, rows in ad.lora],
             }
@@ -192,6 +193,7 @@ class TPEngine(Engine):
             step.adapters = AdapterStep(
                 pools=self.pools if a["scaled"] else {},
                 row_slots=_tensor(a["row_slots"], dev),
+                row_to_seq=_tensor(a["row_to_seq"], dev),
                 compute=[(self.adapters[n], _tensor(r, dev), _tensor(s, dev)) for n, r, s in a["compute"]],
                 lora=[(self.adapters[n], _tensor(rows, dev)) for n, rows in a["lora"]],
             )

@@ -33,6 +33,7 @@ from kernels import reference
 
 GEMV_ROWS = 6  # up to this many rows a projection runs as per-row GEMVs (measured crossover: 6-8)
 GEMV_CHUNK_BYTES = 4 << 20  # weight rows per chunk of those GEMVs (2-8 MiB measured alike; 512 KiB slower)
+_MAX_RUNS = 64  # more runs of rows than this (rows in no particular order): one gathered multiply instead
 _EXACT = (torch.float32, torch.float64)  # dtypes where the rewrites below match the twin's rounding
 
 
@@ -93,7 +94,21 @@ def linear_scale(
     """`reference.linear_scale` with the GEMM on BLAS (the scale applied in place on its fresh output)."""
     if scale is None or not _blas_ok(x, w):
         return reference.apply_scale(blas_linear(x, w), scale, row_to_seq)
-    y = blas_linear(x, w)
+    return _scale_(blas_linear(x, w), scale, row_to_seq)
+
+
+def _scale_(y: torch.Tensor, scale: torch.Tensor, row_to_seq: torch.Tensor | None) -> torch.Tensor:
+    """y *= scale[row_to_seq] in place. A prefill's rows come in runs, one per sequence: each run is
+    multiplied by its sequence's row, so the per-row (M, N) scale is never gathered (for 16 prompts of
+    ~56 tokens over SmolLM2's 30 layers: ~4 ms instead of ~18 ms)."""
+    if row_to_seq is not None and y.dim() == 2 and scale.dtype == y.dtype:
+        seqs, counts = torch.unique_consecutive(row_to_seq, return_counts=True)
+        if len(seqs) <= _MAX_RUNS:
+            start = 0
+            for j, n in zip(seqs.tolist(), counts.tolist()):
+                y[start : start + n].mul_(scale[j])
+                start += n
+            return y
     return y.mul_(reference.broadcast_scale(scale, y, row_to_seq))
 
 
@@ -111,7 +126,7 @@ def gated_up(
         return reference.gated_up(x, w_gate, w_up, scale_u, row_to_seq, matmul=blas_linear)
     gate, up = blas_linear(x, stacked).split(w_gate.shape[0], dim=-1)  # views of a fresh (..., 2N) buffer
     if scale_u is not None:
-        up = up.mul_(reference.broadcast_scale(scale_u, up, row_to_seq))
+        up = _scale_(up, scale_u, row_to_seq)
     return F.silu(gate).mul_(up)
 
 

@@ -52,9 +52,11 @@ def _project(
     w: torch.Tensor,
     scale: torch.Tensor | None = None,
     lora: list[LoRADelta] | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x @ wᵀ with an adapter's per-row column scale and/or unmerged LoRA updates (a row has one or the other)."""
-    return _add_lora(ops, ops.linear_scale(x, w, scale), x, lora)
+    """x @ wᵀ with an adapter's column scale (per row, or per sequence with `rows` the row → sequence map)
+    and/or unmerged LoRA updates (a row has one or the other)."""
+    return _add_lora(ops, ops.linear_scale(x, w, scale, rows), x, lora)
 
 
 class Attention(nn.Module):
@@ -82,12 +84,13 @@ class Attention(nn.Module):
         """x: (B, T, d) without a cache, or packed rows (M, d) with `step` and this layer's caches.
 
         scales: adapter scales of the projection outputs, applied before RoPE, one row per sequence
-        broadcast over T (B, ·) or one per packed row (M, ·) with `step`: "qkv" (fused columns), or any
-        of "q" (H·hd), "k", "v" (H_kv·hd). lora "q"/"k"/"v"/"o": unmerged low-rank updates.
+        broadcast over T (B, ·) or one per packed row (M, ·) with `step` (or per sequence (S, ·) with
+        "rows", the (M,) row → sequence map): "qkv" (fused columns), or any of "q" (H·hd), "k", "v"
+        (H_kv·hd). lora "q"/"k"/"v"/"o": unmerged low-rank updates.
         """
         ops, s, lo = self.ops, scales or {}, lora or {}
         lead = x.shape[:-1]
-        qkv = ops.linear_scale(x, self.wqkv, self._qkv_scale(s))  # (B, T, q+2kv) | (M, q+2kv)
+        qkv = ops.linear_scale(x, self.wqkv, self._qkv_scale(s), s.get("rows"))  # (B, T, q+2kv) | (M, q+2kv)
         if any(lo.get(p) for p in "qkv"):
             parts = qkv.split(self.split, -1)  # Q | K | V columns
             qkv = torch.cat([_add_lora(ops, t, x, lo.get(p)) for t, p in zip(parts, "qkv")], -1)
@@ -141,17 +144,22 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(
-        self, x: torch.Tensor, scale_u: torch.Tensor | None = None, lora: dict[str, list[LoRADelta]] | None = None
+        self,
+        x: torch.Tensor,
+        scale_u: torch.Tensor | None = None,
+        lora: dict[str, list[LoRADelta]] | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, d) | (M, d); scale_u (B | M, hidden): an adapter's scale of the up projection
-        (PARA's l_u; (IA)³'s down-proj input scale, since silu(g)·u·l = silu(g)·(l·u)); lora "gate"/"up"/"down"."""
+        """x: (B, T, d) | (M, d); scale_u (B | M, hidden), or (S, hidden) with `rows` the (M,) row → sequence
+        map: an adapter's scale of the up projection (PARA's l_u; (IA)³'s down-proj input scale, since
+        silu(g)·u·l = silu(g)·(l·u)); lora "gate"/"up"/"down"."""
         ops, lo = self.ops, lora or {}
         w_gate, w_up = self.w13.split(self.hidden_dim)  # (hidden, d) views
         if lo.get("gate") or lo.get("up"):  # LoRA on gate/up: the two GEMMs cannot be fused
             gate = _project(ops, x, w_gate, lora=lo.get("gate"))
-            hidden = F.silu(gate) * _project(ops, x, w_up, scale_u, lo.get("up"))
+            hidden = F.silu(gate) * _project(ops, x, w_up, scale_u, lo.get("up"), rows)
         else:
-            hidden = ops.gated_up(x, w_gate, w_up, scale_u=scale_u)
+            hidden = ops.gated_up(x, w_gate, w_up, scale_u=scale_u, row_to_seq=rows)
         return self.tp.all_reduce(_project(ops, hidden, self.w2.weight, lora=lo.get("down")))  # row-parallel w2
 
 
@@ -175,8 +183,9 @@ class TransformerBlock(nn.Module):
         for the first block) and residual the stream it joins; returns (this block's FFN output, the stream
         before it), so each residual add is fused with the norm after it.
 
-        adapter: the stream at this block's input → this layer's scales {"q", "k", "v", "u"} (any subset)
-        and LoRA updates {"q", "k", "v", "o", "gate", "up", "down"}; PARA pools its vectors from that stream.
+        adapter: the stream at this block's input → this layer's scales {"q", "k", "v", "u"} (any subset;
+        with "rows", per sequence: see Attention.forward) and LoRA updates {"q", "k", "v", "o", "gate", "up",
+        "down"}; PARA pools its vectors from that stream.
         """
         if residual is None:
             normed, h = self.attention_norm(x), x
@@ -185,7 +194,8 @@ class TransformerBlock(nn.Module):
         scales, lora = adapter(h) if adapter is not None else (None, None)
         x = self.attention(normed, cos_sin, *cache_args, scales=scales, lora=lora)
         normed, h = self.ffn_norm.add(x, h)
-        return self.feed_forward(normed, scale_u=(scales or {}).get("u"), lora=lora), h
+        s = scales or {}
+        return self.feed_forward(normed, scale_u=s.get("u"), lora=lora, rows=s.get("rows")), h
 
 
 class Llama(nn.Module):
@@ -295,10 +305,11 @@ class Llama(nn.Module):
             x, h = self.tok_embeddings(tokens), None  # (M, d)
             cos_sin = self.rope_cos_sin[step.positions]  # (M, hd/2, 2)
             ad = step.adapters
-            # decode: nothing to compute, so every layer's vectors come from one gather per pool
+            # nothing to compute (decode, or a prefill without PARA rows): every layer's vectors come from
+            # one gather per pool
             gathered = None
             if ad is not None and not ad.compute:
-                gathered = {t: p[:, ad.row_slots] for t, p in ad.pools.items()}  # (n_layers, M, width)
+                gathered = {t: p[:, ad.row_slots] for t, p in ad.pools.items()}  # (n_layers, M | S, width)
             for i, layer in enumerate(self.layers):
                 hook = None if ad is None else functools.partial(ad.layer, i, gathered=gathered)
                 # K/V are scaled before write_kv, so the cache holds l_v ⊙ V and is never rescaled

@@ -43,6 +43,9 @@ class AdapterStep:
     # (adapter, packed rows holding each sequence's last prompt token (n,), their slots (n,))
     compute: list[tuple[Adapter, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     lora: list[tuple[Adapter, torch.Tensor | None]] = field(default_factory=list)  # (adapter, its rows | None: all)
+    # prefill packs each sequence's rows together: row_slots then holds one slot per sequence (S,) and this
+    # maps packed rows to them (M,), so a layer's scales are (S, width), never expanded to every row
+    row_to_seq: torch.Tensor | None = None
 
     @staticmethod
     def make_pool(
@@ -56,8 +59,9 @@ class AdapterStep:
     def layer(
         self, i: int, h: torch.Tensor, gathered: dict[str, torch.Tensor] | None
     ) -> tuple[dict[str, torch.Tensor], dict[str, list[LoRADelta]]]:
-        """Layer i's per-row scales (M, width) and LoRA deltas. Prefill first writes the vectors
-        computed from this layer's input h; decode reads `gathered`, taken once per step for all layers."""
+        """Layer i's scales and LoRA deltas: per row (M, width), or per sequence (S, width) with "rows" the
+        (M,) row → sequence map (`row_to_seq`). Prefill first writes the vectors computed from this layer's
+        input h; decode reads `gathered`, taken once per step for all layers."""
         if gathered is not None:
             scales = {t: g[i] for t, g in gathered.items()}
         else:
@@ -67,6 +71,8 @@ class AdapterStep:
                     pool, cols = where[t]
                     self.pools[pool][i, slots, cols] = vec.to(self.pools[pool].dtype)
             scales = {t: p[i, self.row_slots] for t, p in self.pools.items()}
+        if scales and self.row_to_seq is not None:
+            scales["rows"] = self.row_to_seq
         lora: dict[str, list[LoRADelta]] = {}
         for adapter, rows in self.lora:
             for proj, d in adapter.deltas(i).items():

@@ -266,6 +266,33 @@ def test_cpu_gated_up_one_gemm_over_stacked_weights(rows):
     assert torch.equal(w13, torch.cat([wg, wu]))  # the weights were not touched
 
 
+@pytest.mark.parametrize(
+    "row_to_seq",
+    [
+        [0] * 5 + [1] * 9 + [2] * 3,  # a prefill: one run per sequence
+        [2, 2, 0, 1, 1, 1, 0, 0, 2],  # runs out of order, a sequence in two runs
+        list(range(70)) * 2,  # more runs than _MAX_RUNS: the gathered multiply
+    ],
+    ids=["prefill", "unordered", "many-runs"],
+)
+def test_cpu_scale_by_runs_of_rows_matches_the_twin(row_to_seq):
+    """A per-sequence scale over packed rows is applied run by run (no (M, N) gather) and equals the twin's
+    scale[row_to_seq] in linear_scale and gated_up; multiplying a run by its neighbour's row is caught."""
+    from kernels import cpu, reference
+
+    g = torch.Generator().manual_seed(len(row_to_seq))
+    rs = torch.tensor(row_to_seq)
+    S, M = int(rs.max()) + 1, len(row_to_seq)
+    x, w, w13 = torch.randn(M, 40, generator=g), torch.randn(23, 40, generator=g), torch.randn(2 * 19, 40, generator=g)
+    scale, scale_u = torch.rand(S, 23, generator=g) + 0.5, torch.rand(S, 19, generator=g) + 0.5
+    want = reference.linear_scale(x, w, scale, rs)
+    assert_close(cpu.linear_scale(x, w, scale, rs), want, PATH)
+    wg, wu = w13.split(19)
+    assert_close(cpu.gated_up(x, wg, wu, scale_u, rs), reference.gated_up(x, wg, wu, scale_u, rs), PATH)
+    shifted = (rs + 1) % S  # negative control: every row scaled by another sequence's vector
+    assert_far(cpu.linear_scale(x, w, scale, shifted), want, PATH)
+
+
 def test_stacked_weights_keep_metas_names():
     """wqkv and w13 are stored stacked, but state dicts name Meta's wq/wk/wv and w1/w3, and load back by them."""
     args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=40, multiple_of=16, max_seq_len=16)
