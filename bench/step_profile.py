@@ -47,8 +47,10 @@ def decode_profile(engine: Any, prompt: list[int], params: Any, adapter: str | N
 
         return op
 
+    saved = dict(vars(ops))  # instance attributes (the cpu backend's compiled layer) are put back after
     for n in OPS:  # an instance attribute shadows the class's (shared ops object: removed after)
-        setattr(ops, n, timed(n, getattr(ops, n)))
+        if getattr(ops, n) is not None:  # None: the backend has no such op (the model checks)
+            setattr(ops, n, timed(n, getattr(ops, n)))
     steps: list[tuple[float, Counter[str], Counter[str]]] = []
     try:
         req = engine.add_request(prompt, params, adapter)
@@ -61,7 +63,9 @@ def decode_profile(engine: Any, prompt: list[int], params: Any, adapter: str | N
             steps.append((time.perf_counter() - t, Counter(spent), Counter(calls)))
     finally:
         for n in OPS:
-            delattr(ops, n)
+            if n in vars(ops):
+                delattr(ops, n)
+        vars(ops).update(saved)
     if not steps:
         raise ValueError("decode_profile: the generation ended before a decode step (raise max_new_tokens)")
     names = sorted({k for _, c, _ in steps for k in c})
@@ -85,7 +89,8 @@ def format_profile(p: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-GEMV_OPS = ("linear_scale", "gated_up", "lm_head")  # the ops that stream the weights
+# the ops that stream the weights (decode_layer: a whole compiled layer, its GEMVs and the small ops between)
+GEMV_OPS = ("linear_scale", "gated_up", "lm_head", "decode_layer", "decode_linear")
 
 
 def remaining(profile: dict[str, Any], weight_bytes: int, peer_decode_tps: float | None, peer: str) -> list[str]:
@@ -95,8 +100,10 @@ def remaining(profile: dict[str, Any], weight_bytes: int, peer_decode_tps: float
     step = profile["step_ms"]
     lines = [
         f"parallama step {step:.1f} ms (profiled): projections {gemv:.1f} ms = {weight_bytes / 1e6:.0f} MB at "
-        f"{weight_bytes / gemv / 1e6:.1f} GB/s, everything else {step - gemv:.1f} ms "
-        f"(attention {profile['ops_ms'].get('paged_attention', 0.0):.1f}, outside ops {profile['outside_ops_ms']:.1f})"
+        f"{weight_bytes / gemv / 1e6:.1f} GB/s, everything else {step - gemv:.1f} ms ("
+        + (f"attention {profile['ops_ms']['paged_attention']:.1f}, " if "paged_attention" in profile["ops_ms"] else "")
+        + f"outside ops {profile['outside_ops_ms']:.1f})"
+        + (" (decode_layer: each layer's GEMVs with its small ops)" if "decode_layer" in profile["ops_ms"] else "")
     ]
     if peer_decode_tps:
         peer_ms = 1e3 / peer_decode_tps

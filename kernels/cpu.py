@@ -24,12 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
+from kernels import native, reference
 
 GEMV_ROWS = 6  # up to this many rows a projection runs as per-row GEMVs (measured crossover: 6-8)
 GEMV_CHUNK_BYTES = 4 << 20  # weight rows per chunk of those GEMVs (2-8 MiB measured alike; 512 KiB slower)
@@ -273,6 +274,16 @@ def _whole_prompts_in_order(
         and (positions == row_index).all()
         and (row_to_seq[1:] >= row_to_seq[:-1]).all()
     )
+
+
+def decode_layer(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole decode layer in one compiled call: `native.decode_layer` (its docstring has the arguments)."""
+    return native.decode_layer(*args, **kwargs)
+
+
+def decode_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A decode step's output projection x @ wᵀ through the same BLAS as the compiled layers: `native.linear`."""
+    return native.linear(x, w)
 
 
 @contextmanager

@@ -4,7 +4,8 @@
 `get_ops("triton")` swaps in the fused Triton kernels where one exists (rms_norm, rope, the
 scale-epilogue projections, the gated FFN, decode-time paged attention) and keeps the twins for the
 rest (prefill attention, KV writes, LoRA updates). `get_ops("cpu")` is the reference with the
-projections' GEMMs on numpy's BLAS (`cpu.py`: twice torch's GEMV bandwidth on CPU). A model picks its
+projections' GEMMs on numpy's BLAS (`cpu.py`: twice torch's GEMV bandwidth on CPU) and a decode step's
+layers each one compiled C call (`native.py`). A model picks its
 `Ops` once, at construction — nothing is patched at run time. `resolve_backend("auto", device)` =
 triton on CUDA, cpu elsewhere; the environment variable PARALLAMA_BACKEND overrides the argument.
 """
@@ -20,7 +21,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from kernels import cpu, reference
+from kernels import cpu, native, reference
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
 
@@ -98,6 +99,12 @@ class Ops(Protocol):
         """Entered around every forward (the cpu backend pins torch to one thread there)."""
         ...
 
+    # A whole decode layer in one call (`kernels.native.decode_layer`'s signature), or None: the model then
+    # runs the ops above one by one, which are this op's twin; with it, the step's output projection
+    # (`native.linear`, twin `linear_scale` without a scale).
+    decode_layer: Callable[..., tuple[Tensor, Tensor]] | None
+    decode_linear: Callable[[Tensor, Tensor], Tensor] | None
+
 
 def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu") -> str:
     """ "torch", "triton" or "cpu" for a requested backend on `device`; PARALLAMA_BACKEND wins over the argument."""
@@ -129,7 +136,7 @@ def get_ops(backend: str = "torch") -> Ops:
     if backend == "triton":
         return _triton_ops()
     if backend == "cpu":
-        return CPU_OPS
+        return CpuOps()  # once (cached): its construction looks for the compiled decode layer
     raise ValueError(f"backend={backend!r}: expected 'torch', 'triton' or 'cpu' (resolve 'auto' with resolve_backend)")
 
 
@@ -148,6 +155,8 @@ class TorchOps:
     rope_write_kv = staticmethod(reference.rope_write_kv)
     paged_attention = staticmethod(reference.paged_attention)
     scope = staticmethod(nullcontext)
+    decode_layer = None
+    decode_linear = None
 
 
 class CpuOps(TorchOps):
@@ -164,9 +173,15 @@ class CpuOps(TorchOps):
     paged_attention = staticmethod(cpu.paged_attention)
     scope = staticmethod(cpu.single_torch_thread)
 
+    def __init__(self) -> None:
+        # the compiled decode layer and its output projection where the library builds here (the first
+        # construction compiles it, once per machine), else None: the per-op path
+        ok = native.available()
+        self.decode_layer = cpu.decode_layer if ok else None
+        self.decode_linear = cpu.decode_linear if ok else None
+
 
 TORCH_OPS: Ops = TorchOps()
-CPU_OPS: Ops = CpuOps()
 
 
 def _forward_only(

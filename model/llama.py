@@ -197,6 +197,35 @@ class TransformerBlock(nn.Module):
         s = scales or {}
         return self.feed_forward(normed, scale_u=s.get("u"), lora=lora, rows=s.get("rows")), h
 
+    def decode(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos_sin: torch.Tensor,
+        step: StepBatch,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scales: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for a decode step (row m = sequence m, no LoRA) as one `ops.decode_layer` call."""
+        a, f = self.attention, self.feed_forward
+        weights = (self.attention_norm.weight, a.wqkv, a.wo.weight, self.ffn_norm.weight, f.w13, f.w2.weight)
+        return a.ops.decode_layer(
+            x,
+            residual,
+            weights,
+            self.attention_norm.eps,
+            (a.n_heads, a.n_kv_heads, a.head_dim),
+            cos_sin,
+            k_cache,
+            v_cache,
+            step.slots,
+            step.block_tables,
+            step.seq_lens,
+            scales.get("qkv"),
+            scales.get("u"),
+        )
+
 
 class Llama(nn.Module):
     def __init__(self, args: ModelArgs, backend: str = "torch", tp: TensorParallel | None = None) -> None:
@@ -310,14 +339,38 @@ class Llama(nn.Module):
             gathered = None
             if ad is not None and not ad.compute:
                 gathered = {t: p[:, ad.row_slots] for t, p in ad.pools.items()}  # (n_layers, M | S, width)
+            native = self._native_decode(x, step, k_cache)
             for i, layer in enumerate(self.layers):
+                if native:
+                    scales = {t: g[i] for t, g in gathered.items()} if gathered else {}
+                    x, h = layer.decode(x, h, cos_sin, step, k_cache[i], v_cache[i], scales)
+                    continue
                 hook = None if ad is None else functools.partial(ad.layer, i, gathered=gathered)
                 # K/V are scaled before write_kv, so the cache holds l_v ⊙ V and is never rescaled
                 x, h = layer(x, h, cos_sin, step, k_cache[i], v_cache[i], adapter=hook)
             if step.logit_rows is not None:
                 x, h = x[step.logit_rows], h[step.logit_rows]
-            logits = self.ops.linear_scale(self.norm.add(x, h)[0], self.output.weight)  # (R, vocab / tp)
+            if native:  # on the layers' threads (see kernels/native.py)
+                logits = self.ops.decode_linear(self.norm.add(x, h)[0], self.output.weight)  # (R, vocab)
+            else:
+                logits = self.ops.linear_scale(self.norm.add(x, h)[0], self.output.weight)  # (R, vocab / tp)
             return self.tp.gather_last(logits, self.args.vocab_size).float()
+
+    def _native_decode(self, x: torch.Tensor, step: StepBatch, k_cache: torch.Tensor) -> bool:
+        """Whether this step's layers run as `ops.decode_layer` calls: a decode step (row m = sequence m's
+        newest token) of at most 8 rows, fp32 on CPU, one process, no LoRA row, no autograd."""
+        ad = step.adapters
+        return (
+            self.ops.decode_layer is not None
+            and step.max_rows == 1
+            and x.shape[0] == step.block_tables.shape[0] <= 8
+            and x.dtype == k_cache.dtype == torch.float32
+            and x.device.type == "cpu"
+            and self.tp.size == 1
+            and (ad is None or (not ad.lora and ad.row_to_seq is None))
+            and step.block_tables.dtype == step.slots.dtype == step.seq_lens.dtype == torch.int64
+            and not torch.is_grad_enabled()
+        )
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Adopt a Meta-named state dict (tensors are used as given: no copy when dtype matches).

@@ -622,23 +622,35 @@ def test_op_budget_targets():
     assert tri["decode launches per layer (triton backend, para, batch 1)"]["met"] is True
 
 
-def test_decode_profile_times_every_op_and_restores_them():
+@pytest.mark.parametrize("compiled", [False, True], ids=["per-op", "compiled-layer"])
+def test_decode_profile_times_every_op_and_restores_them(compiled):
     from bench.step_profile import decode_profile, format_profile
     from infer.sampling import SamplingParams
+    from kernels import native
 
+    if compiled and not native.available():
+        pytest.skip("the compiled decode layer did not build here")
     engine = _tiny_engine("cpu", 2)
-    p = decode_profile(engine, list(range(1, 8)), SamplingParams(max_new_tokens=5, ignore_eos=True))
+    ops = engine.model.ops
+    before = dict(vars(ops))
+    if not compiled:
+        ops.decode_layer = None  # the per-op path (the ops object is shared: restored below)
+    try:
+        p = decode_profile(engine, list(range(1, 8)), SamplingParams(max_new_tokens=5, ignore_eos=True))
+        assert vars(ops) == {**before, "decode_layer": before["decode_layer"] if compiled else None}
+    finally:
+        vars(ops).clear()
+        vars(ops).update(before)
     assert p["steps"] == 3  # 5 new tokens: the first engine step makes 2 (prefill, decode), 3 steps follow
-    assert {"linear_scale", "gated_up", "lm_head", "paged_attention", "rope_write_kv", "add_rms_norm"} <= set(
-        p["ops_ms"]
-    )
     assert all(ms > 0 for ms in p["ops_ms"].values())
-    # hand count for 2 layers: Q|K|V, O and down projections per layer; the first layer's input norm has no
-    # residual to add, the final norm does
-    want = {"linear_scale": 6, "gated_up": 2, "lm_head": 1, "paged_attention": 2, "rope_write_kv": 2}
-    assert p["calls"] == {**want, "rms_norm": 1, "add_rms_norm": 4}
+    if compiled:  # per step: one call per layer, the output projection, the final norm's add
+        assert p["calls"] == {"decode_layer": 2, "decode_linear": 1, "add_rms_norm": 1}
+    else:
+        # hand count for 2 layers: Q|K|V, O and down projections per layer; the first layer's input norm has
+        # no residual to add, the final norm does
+        want = {"linear_scale": 6, "gated_up": 2, "lm_head": 1, "paged_attention": 2, "rope_write_kv": 2}
+        assert p["calls"] == {**want, "rms_norm": 1, "add_rms_norm": 4}
     assert p["outside_ops_ms"] < p["step_ms"]
-    assert not any(callable(v) for v in vars(engine.model.ops).values())  # the shadowing wrappers are gone
     assert "| **step** |" in format_profile(p)
 
 

@@ -1,0 +1,170 @@
+/* One LLaMA decode layer for a few rows, fp32, in one call: the cpu backend's fused decode path.
+
+   The twin is the per-op path of model/llama.py `TransformerBlock.forward` (kernels/reference.py). Row m is
+   sequence m's newest token; its K/V go to cache slot slots[m] and it attends to positions < seq_lens[m]
+   through block_tables[m]. The projections are GEMVs of the BLAS numpy uses (its cblas_sgemv, handed over
+   by kernels/native.py with pl_set_sgemv): its threads stream the weights at the memory roof, and the
+   process keeps one thread pool (a second one, e.g. OpenMP's, spins against it on a 2-core machine). The
+   small steps between them (norms, RoPE, the KV write, attention, SwiGLU) run here on the calling thread.
+   Built and loaded by kernels/native.py. */
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define MAX_ROWS 8
+
+typedef struct {
+    int64_t rows, dim, n_heads, n_kv_heads, head_dim, ffn_dim, block_size, max_blocks;
+    float eps;
+    const float *x;          /* (rows, dim) the last sub-layer's output (the embeddings for layer 0) */
+    const float *residual;   /* (rows, dim) the stream it joins, or NULL for layer 0 */
+    float *out;              /* (rows, dim) this layer's FFN output */
+    float *stream;           /* (rows, dim) the stream before the FFN (x + residual + attention) */
+    const float *attn_norm, *ffn_norm;        /* (dim,) */
+    const float *wqkv;       /* (q + 2 kv, dim): wq | wk | wv stacked by rows */
+    const float *wo;         /* (dim, q) */
+    const float *w13;        /* (2 ffn, dim): w1 (gate) | w3 (up) */
+    const float *w2;         /* (dim, ffn) */
+    const float *scale_qkv;  /* scale of the fused projection's columns, row m at m * scale_qkv_stride; NULL: none */
+    const float *scale_u;    /* scale of the up projection's columns, likewise */
+    int64_t scale_qkv_stride, scale_u_stride;  /* 0: one row for every row */
+    const float *cos_sin;    /* (rows, head_dim / 2, 2) */
+    float *k_cache, *v_cache;                  /* (blocks, block_size, n_kv_heads, head_dim) */
+    const int64_t *slots;    /* (rows,) */
+    const int64_t *block_tables;               /* (rows, max_blocks) */
+    const int64_t *seq_lens; /* (rows,) */
+    float *work;             /* scratch: see pl_decode_layer_work */
+} Layer;
+
+static float dot(const float *a, const float *b, int64_t n) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; i++) acc += a[i] * b[i];
+    return acc;
+}
+
+/* cblas_sgemv with 64-bit integers (numpy's OpenBLAS is built with them), row-major, no transpose. */
+typedef void (*sgemv_fn)(int order, int trans, int64_t m, int64_t n, float alpha, const float *a, int64_t lda,
+                         const float *x, int64_t incx, float beta, float *y, int64_t incy);
+static sgemv_fn sgemv = NULL;
+
+void pl_set_sgemv(void *fn) { sgemv = (sgemv_fn)fn; }
+
+#define CHUNK_BYTES (4 << 20)
+
+/* y[m] = w @ x[m] for M rows (x rows xstride apart, y rows n_out apart): one GEMV per row, over weight
+   chunks small enough to stay in cache, so a chunk comes from memory once for all the rows. */
+static void linear(const float *w, int64_t n_out, int64_t k, const float *x, int64_t xstride, float *y,
+                   int64_t rows) {
+    int64_t step = rows == 1 ? n_out : CHUNK_BYTES / (k * (int64_t)sizeof(float));
+    if (step < 1) step = 1;
+    for (int64_t c = 0; c < n_out; c += step) {
+        int64_t n = n_out - c < step ? n_out - c : step;
+        for (int64_t m = 0; m < rows; m++)
+            sgemv(101, 111, n, k, 1.0f, w + c * k, k, x + m * xstride, 1, 0.0f, y + m * n_out + c, 1);
+    }
+}
+
+static void rms_norm_row(const float *h, const float *w, float *y, int64_t d, float eps) {
+    float ss = dot(h, h, d);
+    float r = 1.0f / sqrtf(ss / (float)d + eps);
+    for (int64_t i = 0; i < d; i++) y[i] = h[i] * r * w[i];
+}
+
+/* Scratch floats pl_decode_layer needs: its intermediates, then one row of attention scores. */
+int64_t pl_decode_layer_work(int64_t rows, int64_t dim, int64_t qkv_dim, int64_t q_dim, int64_t ffn_dim,
+                             int64_t max_context) {
+    return rows * (dim + qkv_dim + q_dim + dim + 2 * ffn_dim) + max_context;
+}
+
+int pl_decode_layer(const Layer *L) {
+    const int64_t M = L->rows, d = L->dim, H = L->n_heads, Hkv = L->n_kv_heads, hd = L->head_dim;
+    const int64_t q_dim = H * hd, kv_dim = Hkv * hd, qkv_dim = q_dim + 2 * kv_dim, f = L->ffn_dim;
+    const int64_t g = H / Hkv, half = hd / 2, bs = L->block_size;
+    if (M < 1 || M > MAX_ROWS || H % Hkv || hd % 2) return 1;
+    float *normed = L->work;              /* (M, d) */
+    float *qkv = normed + M * d;          /* (M, qkv_dim) */
+    float *attn = qkv + M * qkv_dim;      /* (M, q_dim) */
+    float *o = attn + M * q_dim;          /* (M, d) */
+    float *g13 = o + M * d;               /* (M, 2f), then gate := silu(gate) * up * scale */
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int64_t work_fixed = M * (d + qkv_dim + q_dim + d + 2 * f);
+
+    if (sgemv == NULL) return 2;
+
+    for (int64_t m = 0; m < M; m++) {  /* stream = x + residual; normed = rms_norm(stream) */
+        float *h = L->stream + m * d;
+        for (int64_t i = 0; i < d; i++) h[i] = L->x[m * d + i] + (L->residual ? L->residual[m * d + i] : 0.0f);
+        rms_norm_row(h, L->attn_norm, normed + m * d, d, L->eps);
+    }
+    linear(L->wqkv, qkv_dim, d, normed, d, qkv, M);
+    for (int64_t m = 0; m < M; m++) {  /* scale, RoPE of Q and K (interleaved pairs), K/V to the cache */
+        float *r = qkv + m * qkv_dim;
+        if (L->scale_qkv) {
+            const float *s = L->scale_qkv + m * L->scale_qkv_stride;
+            for (int64_t i = 0; i < qkv_dim; i++) r[i] *= s[i];
+        }
+        const float *cs = L->cos_sin + m * hd;
+        for (int64_t head = 0; head < H + Hkv; head++) {
+            float *p = r + head * hd;
+            for (int64_t i = 0; i < half; i++) {
+                float c = cs[2 * i], s = cs[2 * i + 1], x0 = p[2 * i], x1 = p[2 * i + 1];
+                p[2 * i] = x0 * c - x1 * s;
+                p[2 * i + 1] = x0 * s + x1 * c;
+            }
+        }
+        int64_t slot = L->slots[m];
+        float *kc = L->k_cache + slot * kv_dim, *vc = L->v_cache + slot * kv_dim;
+        for (int64_t i = 0; i < kv_dim; i++) {
+            kc[i] = r[q_dim + i];
+            vc[i] = r[q_dim + kv_dim + i];
+        }
+    }
+    for (int64_t mh = 0; mh < M * H; mh++) {  /* softmax(q kᵀ / √hd) v over the row's paged context */
+        int64_t m = mh / H, head = mh % H, kvh = head / g, n = L->seq_lens[m];
+        const float *q = qkv + m * qkv_dim + head * hd;
+        const int64_t *table = L->block_tables + m * L->max_blocks;
+        float *acc = attn + m * q_dim + head * hd;
+        float *p = L->work + work_fixed;  /* (n,) scores */
+        float mx = -INFINITY, sum = 0.0f;
+        for (int64_t t = 0; t < n; t++) {
+            const float *k = L->k_cache + ((table[t / bs] * bs + t % bs) * Hkv + kvh) * hd;
+            p[t] = dot(q, k, hd) * scale;
+            if (p[t] > mx) mx = p[t];
+        }
+        for (int64_t t = 0; t < n; t++) sum += (p[t] = expf(p[t] - mx));
+        for (int64_t i = 0; i < hd; i++) acc[i] = 0.0f;
+        for (int64_t t = 0; t < n; t++) {
+            const float *v = L->v_cache + ((table[t / bs] * bs + t % bs) * Hkv + kvh) * hd;
+            float w = p[t] / sum;
+#pragma omp simd
+            for (int64_t i = 0; i < hd; i++) acc[i] += w * v[i];
+        }
+    }
+    linear(L->wo, d, q_dim, attn, q_dim, o, M);
+    for (int64_t m = 0; m < M; m++) {  /* stream += attention; normed = rms_norm(stream) */
+        float *h = L->stream + m * d;
+        for (int64_t i = 0; i < d; i++) h[i] += o[m * d + i];
+        rms_norm_row(h, L->ffn_norm, normed + m * d, d, L->eps);
+    }
+    linear(L->w13, 2 * f, d, normed, d, g13, M);
+    for (int64_t m = 0; m < M; m++) {  /* SwiGLU input: silu(gate) * (up * scale_u), in the gate's place */
+        float *gate = g13 + m * 2 * f, *up = gate + f;
+        const float *s = L->scale_u ? L->scale_u + m * L->scale_u_stride : NULL;
+        for (int64_t i = 0; i < f; i++) {
+            float u = s ? up[i] * s[i] : up[i];
+            gate[i] = gate[i] / (1.0f + expf(-gate[i])) * u;
+        }
+    }
+    /* w2 reads row m's hidden at g13 + m * 2f: a (M, f) matrix with row stride 2f */
+    linear(L->w2, d, f, g13, 2 * f, L->out, M);
+    return 0;
+}
+
+/* y (M, N) = x (M, K) @ wᵀ for a few rows (the output projection of a decode step). */
+int pl_linear(const float *x, const float *w, float *y, int64_t rows, int64_t n_out, int64_t k) {
+    if (rows < 1 || rows > MAX_ROWS || sgemv == NULL) return 1;
+    linear(w, n_out, k, x, k, y, rows);
+    return 0;
+}

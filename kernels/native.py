@@ -1,0 +1,188 @@
+"""The cpu backend's compiled decode layer (kernels/csrc/decode_layer.c): built on first use, loaded with ctypes.
+
+A decode step through the per-op path is ~10 torch calls per layer plus Python around each; on a CPU the
+projections stream their weights at the memory roof and the rest is call overhead. `decode_layer` runs a
+whole layer for up to 8 decode rows (fp32, no LoRA, one process) in one C call: its GEMVs are numpy's
+OpenBLAS `cblas_sgemv` (threaded; found in numpy's bundled library and handed to the C code), the small
+steps between them run in C on the calling thread. Its twin is the per-op path (`TransformerBlock.forward`);
+tests compare them.
+
+The library is compiled once per source, compiler and CPU with the system C compiler (`cc`, -O3
+-march=native) into ~/.cache/parallama (or $PARALLAMA_CACHE) and reused. Without a compiler, without the
+BLAS symbol, or with PARALLAMA_NATIVE=0, `available()` is False and the model keeps the per-op path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "decode_layer.c"
+MAX_ROWS = 8  # MAX_ROWS in the C source
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c11"]
+
+_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        *[(n, _i64) for n in ("rows", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "block_size")],
+        ("max_blocks", _i64),
+        ("eps", _f32),
+        *[(n, _ptr) for n in ("x", "residual", "out", "stream", "attn_norm", "ffn_norm", "wqkv", "wo", "w13", "w2")],
+        ("scale_qkv", _ptr),
+        ("scale_u", _ptr),
+        ("scale_qkv_stride", _i64),
+        ("scale_u_stride", _i64),
+        *[(n, _ptr) for n in ("cos_sin", "k_cache", "v_cache", "slots", "block_tables", "seq_lens", "work")],
+    ]
+
+
+_lib: Any = None
+_tried = False
+
+
+def _cpu_id() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return flags
+
+
+def _build() -> Path:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc / gcc / $CC) on PATH")
+    src = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(src + " ".join([cc, *FLAGS, version, _cpu_id()]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("PARALLAMA_CACHE") or Path.home() / ".cache" / "parallama")
+    lib = cache / f"decode_layer-{key}.so"
+    if lib.exists():
+        return lib
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {done.stderr.strip().splitlines()[-1:]}")
+        os.replace(tmp, lib)  # atomic: a concurrent builder finds a whole library or none
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def library() -> Any:
+    """The loaded library, or None (no compiler, a failed build, or PARALLAMA_NATIVE=0; warned once)."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("PARALLAMA_NATIVE", "1") == "0":
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError) as e:
+        warnings.warn(f"parallama: the compiled decode layer is unavailable ({e}); using the per-op path", stacklevel=2)
+        return None
+    sgemv = _numpy_sgemv()
+    if sgemv is None:
+        warnings.warn("parallama: numpy's BLAS has no cblas_sgemv symbol here; using the per-op path", stacklevel=2)
+        return None
+    lib.pl_set_sgemv.argtypes = [_ptr]
+    lib.pl_set_sgemv(sgemv)
+    lib.pl_decode_layer.argtypes = [ctypes.POINTER(_Layer)]
+    lib.pl_decode_layer.restype = ctypes.c_int
+    lib.pl_linear.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64]
+    lib.pl_linear.restype = ctypes.c_int
+    lib.pl_decode_layer_work.argtypes = [_i64] * 6
+    lib.pl_decode_layer_work.restype = _i64
+    _lib = lib
+    return lib
+
+
+def _numpy_sgemv() -> int | None:
+    """The address of cblas_sgemv (64-bit integers) in the BLAS numpy was built with, or None."""
+    import numpy as np
+
+    libs = Path(np.__file__).parent.parent / "numpy.libs"
+    for path in sorted(libs.glob("*openblas*.so*")):
+        blas = ctypes.CDLL(str(path))  # already loaded by numpy: the same library, the same thread pool
+        for name in ("scipy_cblas_sgemv64_", "cblas_sgemv64_"):
+            fn = getattr(blas, name, None)
+            if fn is not None:
+                return ctypes.cast(fn, ctypes.c_void_p).value
+    return None
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _p(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def decode_layer(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weights: tuple[torch.Tensor, ...],
+    eps: float,
+    shape: tuple[int, int, int],
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale_qkv: torch.Tensor | None = None,
+    scale_u: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode layer: (FFN output, the stream before the FFN), as `TransformerBlock.forward` returns them.
+
+    x, residual: (M, d) contiguous fp32 (residual None for layer 0); weights: (attention_norm, wqkv, wo,
+    ffn_norm, w13, w2), contiguous; shape: (n_heads, n_kv_heads, head_dim); cos_sin (M, hd/2, 2); caches
+    (N, bs, H_kv, hd) of this layer; slots (M,), block_tables (M, nb), seq_lens (M,) int64, row m being
+    sequence m; scales (M | 1, width) contiguous or None. The caller checks `supports`.
+    """
+    lib = library()
+    M, d = x.shape
+    attn_norm, wqkv, wo, ffn_norm, w13, w2 = weights
+    H, H_kv, hd = shape
+    f = w2.shape[1]
+    out, stream = torch.empty_like(x), torch.empty_like(x)
+    context = block_tables.shape[1] * k_cache.shape[1]
+    work = torch.empty(lib.pl_decode_layer_work(M, d, wqkv.shape[0], H * hd, f, context), dtype=torch.float32)
+    layer = _Layer(
+        M, d, H, H_kv, hd, f, k_cache.shape[1], block_tables.shape[1], eps,
+        *map(_p, (x, residual, out, stream, attn_norm, ffn_norm, wqkv, wo, w13, w2, scale_qkv, scale_u)),
+        0 if scale_qkv is None or scale_qkv.shape[0] == 1 else scale_qkv.shape[1],
+        0 if scale_u is None or scale_u.shape[0] == 1 else scale_u.shape[1],
+        *map(_p, (cos_sin, k_cache, v_cache, slots, block_tables, seq_lens, work)),
+    )  # fmt: skip
+    if lib.pl_decode_layer(ctypes.byref(layer)) != 0:
+        raise ValueError(f"decode_layer: unsupported shape (rows {M}, heads {H}/{H_kv}, head_dim {hd})")
+    return out, stream
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ wᵀ for x (M ≤ 8, K), w (N, K), contiguous fp32: a decode step's output projection on the layers'
+    threads (BLAS here would wake its own thread pool, which then spins against them)."""
+    M, K = x.shape
+    y = torch.empty(M, w.shape[0], dtype=torch.float32)
+    if library().pl_linear(_p(x), _p(w), _p(y), M, w.shape[0], K) != 0:
+        raise ValueError(f"linear: {M} rows (at most {MAX_ROWS})")
+    return y

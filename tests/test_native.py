@@ -1,0 +1,144 @@
+"""The cpu backend's compiled decode layer (kernels/native.py) equals its twin, the per-op path, and is used
+exactly where it applies."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from infer.cache import BlockTable, PagedKVCache
+from kernels import native
+from model import Llama, ModelArgs
+from model.peft import IA3Config, LoRAConfig, PARAConfig, create_adapter
+from model.step import AdapterStep, scale_columns
+from tests.helpers import random_meta_state_dict
+from tests.tolerance import MODEL_PATH, assert_close, assert_far
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="the compiled decode layer did not build here")
+ARGS = ModelArgs(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=83, hidden_dim=160, max_seq_len=96)
+
+
+@contextmanager
+def per_op(model: Llama) -> Iterator[None]:
+    """The model's ops without the compiled layer for the duration, so it runs them one by one."""
+    ops = model.ops
+    kept = ops.decode_layer
+    ops.decode_layer = None
+    try:
+        yield
+    finally:
+        ops.decode_layer = kept
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """How many times the compiled layer ran."""
+    seen = []
+    real = native.decode_layer
+    monkeypatch.setattr(native, "decode_layer", lambda *a, **k: seen.append(1) or real(*a, **k))
+    return seen
+
+
+def _model() -> Llama:
+    sd = random_meta_state_dict(96, 2, 6, 2, 83, 160, seed=0)
+    with torch.device("meta"):
+        m = Llama(ARGS, backend="cpu")
+    m.load_weights(sd)
+    m.setup_rope("cpu")
+    return m.eval()
+
+
+def _adapter_pools(model: Llama) -> dict[str, torch.Tensor]:
+    """Pools with slot 1 a trained-looking PARA row's vectors, slot 2 a perturbed (IA)³'s, slot 0 the identity."""
+    torch.manual_seed(3)
+    para, ia3 = create_adapter(model, PARAConfig()), create_adapter(model, IA3Config())
+    with torch.no_grad():
+        for p in [*para.parameters(), *ia3.parameters()]:
+            p.add_(0.3 * torch.randn_like(p))
+    pools = {p: AdapterStep.make_pool(model.args, p, 3) for p in ("qkv", "u")}
+    where = scale_columns(model.args)
+    pooled = torch.randn(1, model.args.dim)
+    for i in range(model.args.n_layers):
+        for slot, scales in ((1, para.scales(i, pooled)), (2, ia3.scales(i, None))):
+            for t, v in scales.items():
+                pools[where[t][0]][i, slot, where[t][1]] = v[0]
+    return pools
+
+
+def _decode(model: Llama, lens: list[int], slots: list[int] | None, steps: int = 4) -> list[torch.Tensor]:
+    """Prefill sequences of `lens` tokens (per-op: a prefill is never native), then `steps` decode steps."""
+    g = torch.Generator().manual_seed(sum(lens))
+    seqs = [torch.randint(0, 83, (n + steps,), generator=g) for n in lens]
+    cache = PagedKVCache(model.args, num_blocks=40, block_size=4)
+    tables = [BlockTable() for _ in seqs]
+    pools = _adapter_pools(model) if slots else None
+    step = cache.prepare_step(tables, lens)
+    if pools:
+        step.adapters = AdapterStep(pools, torch.tensor([s for s, n in zip(slots, lens) for _ in range(n)]))
+    out = [model.forward_step(torch.cat([s[:n] for s, n in zip(seqs, lens)]), step, cache.k, cache.v)]
+    for t in range(steps):
+        step = cache.prepare_step(tables, [1] * len(seqs))
+        if pools:
+            step.adapters = AdapterStep(pools, torch.tensor(slots))
+        out.append(model.forward_step(torch.stack([s[n + t] for s, n in zip(seqs, lens)]), step, cache.k, cache.v))
+    return out
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize(
+    ("lens", "slots"),
+    [([9], None), ([9], [1]), ([7, 18, 5], [1, 0, 2]), ([3, 5, 2, 8, 4, 6, 1, 9], [1, 2, 0, 1, 2, 0, 1, 2])],
+    ids=["1-row", "1-row-para", "3-rows-mixed", "8-rows-mixed"],
+)
+def test_native_decode_equals_the_per_op_path(lens, slots, calls):
+    """Decode logits through the compiled layer equal the per-op path's (its twin) for 1-8 rows with PARA,
+    (IA)³ and base rows (contexts crossing block boundaries); the compiled layer really ran every layer of every
+    decode step; a scale given to the wrong rows is caught."""
+    model = _model()
+    with per_op(model):
+        want = _decode(model, lens, slots)
+    assert not calls
+    got = _decode(model, lens, slots)
+    assert len(calls) == 4 * ARGS.n_layers  # decode steps only; the prefill stays per-op
+    for g, w in zip(got, want):
+        assert_close(g, w, MODEL_PATH)
+    if slots and len(set(slots)) > 1:  # negative control: the rows' adapters swapped
+        swapped = _decode(model, lens, slots[1:] + slots[:1])
+        assert_far(swapped[-1], want[-1], MODEL_PATH)
+
+
+@torch.inference_mode()
+def test_what_stays_on_the_per_op_path(calls):
+    """LoRA rows, more than 8 rows, a prefill and autograd never take the compiled layer."""
+    model = _model()
+    cache = PagedKVCache(model.args, num_blocks=40, block_size=4)
+    tables = [BlockTable() for _ in range(9)]
+    model.forward_step(torch.arange(9 * 3) % 83, cache.prepare_step(tables, [3] * 9), cache.k, cache.v)
+    model.forward_step(torch.arange(9), cache.prepare_step(tables, [1] * 9), cache.k, cache.v)  # 9 rows
+    lora = create_adapter(model, LoRAConfig(r=2))
+    step = cache.prepare_step(tables[:2], [1, 1])
+    step.adapters = AdapterStep({}, torch.tensor([0]), lora=[(lora, torch.tensor([1]))])
+    model.forward_step(torch.arange(2), step, cache.k, cache.v)
+    assert not calls
+    model.forward_step(torch.arange(2), cache.prepare_step(tables[:2], [1, 1]), cache.k, cache.v)
+    assert len(calls) == ARGS.n_layers  # the same step without the LoRA row does
+
+
+def test_disabled_or_unbuildable_falls_back(monkeypatch, tmp_path):
+    """PARALLAMA_NATIVE=0, or no C compiler, leaves the per-op path (with one warning for the compiler)."""
+    from kernels.ops import CpuOps, get_ops
+
+    assert get_ops("cpu").decode_layer is not None  # built here (this module is skipped otherwise)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setenv("PARALLAMA_NATIVE", "0")
+    assert not native.available() and CpuOps().decode_layer is None and CpuOps().decode_linear is None
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("PARALLAMA_NATIVE", "1")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("PARALLAMA_CACHE", str(tmp_path))  # no prebuilt library either
+    with pytest.warns(UserWarning, match="compiled decode layer is unavailable"):
+        assert CpuOps().decode_layer is None
