@@ -2,10 +2,10 @@
 
 A decode step through the per-op path is ~10 torch calls per layer plus Python around each; on a CPU the
 projections stream their weights at the memory roof and the rest is call overhead. `decode_layer` runs a
-whole layer for up to 8 decode rows (fp32, no LoRA, one process) in one C call: its GEMVs are numpy's
-OpenBLAS `cblas_sgemv` (threaded; found in numpy's bundled library and handed to the C code), the small
-steps between them run in C on the calling thread. Its twin is the per-op path (`TransformerBlock.forward`);
-tests compare them.
+whole layer for up to 8 decode rows (fp32, one process, unmerged LoRA rows included) in one C call: its
+GEMVs are numpy's OpenBLAS `cblas_sgemv` (threaded; found in numpy's bundled library and handed to the C
+code), the small steps between them run in C on the calling thread. Its twin is the per-op path
+(`TransformerBlock.forward`); tests compare them.
 
 The library is compiled once per source, compiler and CPU with the system C compiler (`cc`, -O3
 -march=native) into ~/.cache/parallama (or $PARALLAMA_CACHE) and reused. Without a compiler, without the
@@ -34,6 +34,15 @@ FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c11"
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
+LORA_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # the C enum's order
+MAX_LORA_RANK = 256
+
+
+class _Lora(ctypes.Structure):
+    _fields_ = [(n, _i64) for n in ("proj", "r", "n_rows")] + [(n, _ptr) for n in ("a", "b", "rows")]
+    _fields_ += [("scaling", _f32)]
+
+
 class _Layer(ctypes.Structure):
     _fields_ = [
         *[(n, _i64) for n in ("rows", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "block_size")],
@@ -45,6 +54,8 @@ class _Layer(ctypes.Structure):
         ("scale_qkv_stride", _i64),
         ("scale_u_stride", _i64),
         *[(n, _ptr) for n in ("cos_sin", "k_cache", "v_cache", "slots", "block_tables", "seq_lens", "work")],
+        ("lora", ctypes.POINTER(_Lora)),
+        ("n_lora", _i64),
     ]
 
 
@@ -150,13 +161,16 @@ def decode_layer(
     seq_lens: torch.Tensor,
     scale_qkv: torch.Tensor | None = None,
     scale_u: torch.Tensor | None = None,
+    lora: dict[str, list[Any]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode layer: (FFN output, the stream before the FFN), as `TransformerBlock.forward` returns them.
 
     x, residual: (M, d) contiguous fp32 (residual None for layer 0); weights: (attention_norm, wqkv, wo,
     ffn_norm, w13, w2), contiguous; shape: (n_heads, n_kv_heads, head_dim); cos_sin (M, hd/2, 2); caches
     (N, bs, H_kv, hd) of this layer; slots (M,), block_tables (M, nb), seq_lens (M,) int64, row m being
-    sequence m; scales (M | 1, width) contiguous or None. The caller checks `supports`.
+    sequence m; scales (M | 1, width) contiguous or None; lora: {projection: [model.peft.LoRADelta]} without
+    dropout, rank ≤ MAX_LORA_RANK (a, b contiguous fp32; rows int64 or None). The caller checks what applies
+    (`Llama._native_decode`).
     """
     lib = library()
     M, d = x.shape
@@ -173,6 +187,15 @@ def decode_layer(
         0 if scale_u is None or scale_u.shape[0] == 1 else scale_u.shape[1],
         *map(_p, (cos_sin, k_cache, v_cache, slots, block_tables, seq_lens, work)),
     )  # fmt: skip
+    deltas = [(LORA_PROJECTIONS.index(p), d) for p, ds in (lora or {}).items() for d in ds]
+    if deltas:
+        layer.lora = (_Lora * len(deltas))(
+            *(
+                _Lora(j, d.a.shape[0], 0 if d.rows is None else d.rows.numel(), _p(d.a), _p(d.b), _p(d.rows), d.scaling)
+                for j, d in deltas
+            )
+        )
+        layer.n_lora = len(deltas)
     if lib.pl_decode_layer(ctypes.byref(layer)) != 0:
         raise ValueError(f"decode_layer: unsupported shape (rows {M}, heads {H}/{H_kv}, head_dim {hd})")
     return out, stream

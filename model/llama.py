@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import reference
+from kernels.native import MAX_LORA_RANK
 from kernels.ops import TORCH_OPS, Ops, get_ops
 from model.args import ModelArgs
 from model.checks import check_adapter, check_prompt_lens, check_tensors
@@ -206,8 +207,9 @@ class TransformerBlock(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         scales: dict[str, torch.Tensor],
+        lora: dict[str, list[LoRADelta]],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward` for a decode step (row m = sequence m, no LoRA) as one `ops.decode_layer` call."""
+        """`forward` for a decode step (row m = sequence m) as one `ops.decode_layer` call."""
         a, f = self.attention, self.feed_forward
         weights = (self.attention_norm.weight, a.wqkv, a.wo.weight, self.ffn_norm.weight, f.w13, f.w2.weight)
         return a.ops.decode_layer(
@@ -224,6 +226,7 @@ class TransformerBlock(nn.Module):
             step.seq_lens,
             scales.get("qkv"),
             scales.get("u"),
+            lora,
         )
 
 
@@ -342,8 +345,8 @@ class Llama(nn.Module):
             native = self._native_decode(x, step, k_cache)
             for i, layer in enumerate(self.layers):
                 if native:
-                    scales = {t: g[i] for t, g in gathered.items()} if gathered else {}
-                    x, h = layer.decode(x, h, cos_sin, step, k_cache[i], v_cache[i], scales)
+                    scales, lora = ad.layer(i, x, gathered) if ad is not None else ({}, {})
+                    x, h = layer.decode(x, h, cos_sin, step, k_cache[i], v_cache[i], scales, lora)
                     continue
                 hook = None if ad is None else functools.partial(ad.layer, i, gathered=gathered)
                 # K/V are scaled before write_kv, so the cache holds l_v ⊙ V and is never rescaled
@@ -358,8 +361,10 @@ class Llama(nn.Module):
 
     def _native_decode(self, x: torch.Tensor, step: StepBatch, k_cache: torch.Tensor) -> bool:
         """Whether this step's layers run as `ops.decode_layer` calls: a decode step (row m = sequence m's
-        newest token) of at most 8 rows, fp32 on CPU, one process, no LoRA row, no autograd."""
+        newest token) of at most 8 rows, fp32 on CPU, one process, LoRA without dropout (eval mode) and of
+        rank ≤ 256, no autograd."""
         ad = step.adapters
+        lora_ok = ad is None or all(not a.training and a.config.r <= MAX_LORA_RANK for a, _ in ad.lora)
         return (
             self.ops.decode_layer is not None
             and step.max_rows == 1
@@ -367,7 +372,8 @@ class Llama(nn.Module):
             and x.dtype == k_cache.dtype == torch.float32
             and x.device.type == "cpu"
             and self.tp.size == 1
-            and (ad is None or (not ad.lora and ad.row_to_seq is None))
+            and (ad is None or ad.row_to_seq is None)
+            and lora_ok
             and step.block_tables.dtype == step.slots.dtype == step.seq_lens.dtype == torch.int64
             and not torch.is_grad_enabled()
         )

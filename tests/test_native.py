@@ -68,8 +68,27 @@ def _adapter_pools(model: Llama) -> dict[str, torch.Tensor]:
     return pools
 
 
-def _decode(model: Llama, lens: list[int], slots: list[int] | None, steps: int = 4) -> list[torch.Tensor]:
-    """Prefill sequences of `lens` tokens (per-op: a prefill is never native), then `steps` decode steps."""
+def _loras(model: Llama) -> list:
+    """Two trained-looking LoRAs: r=4 on q/v (peft's default targets) and r=2 on every other projection."""
+    torch.manual_seed(4)
+    out = []
+    for cfg in (
+        LoRAConfig(r=4, lora_alpha=8),
+        LoRAConfig(r=2, target_modules=("k_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    ):
+        a = create_adapter(model, cfg).eval()
+        with torch.no_grad():
+            for p in a.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+        out.append(a)
+    return out
+
+
+def _decode(
+    model: Llama, lens: list[int], slots: list[int] | None, steps: int = 4, lora: list | None = None
+) -> list[torch.Tensor]:
+    """Prefill sequences of `lens` tokens (per-op: a prefill is never native), then `steps` decode steps.
+    lora: [(adapter, its rows)] for the decode steps."""
     g = torch.Generator().manual_seed(sum(lens))
     seqs = [torch.randint(0, 83, (n + steps,), generator=g) for n in lens]
     cache = PagedKVCache(model.args, num_blocks=40, block_size=4)
@@ -81,8 +100,9 @@ def _decode(model: Llama, lens: list[int], slots: list[int] | None, steps: int =
     out = [model.forward_step(torch.cat([s[:n] for s, n in zip(seqs, lens)]), step, cache.k, cache.v)]
     for t in range(steps):
         step = cache.prepare_step(tables, [1] * len(seqs))
-        if pools:
-            step.adapters = AdapterStep(pools, torch.tensor(slots))
+        if pools or lora:
+            step.adapters = AdapterStep(pools or {}, torch.tensor(slots or [0]))
+            step.adapters.lora = [(a, None if rows is None else torch.tensor(rows)) for a, rows in lora or ()]
         out.append(model.forward_step(torch.stack([s[n + t] for s, n in zip(seqs, lens)]), step, cache.k, cache.v))
     return out
 
@@ -111,20 +131,43 @@ def test_native_decode_equals_the_per_op_path(lens, slots, calls):
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("lens", [[9], [7, 18, 5, 11]], ids=["1-row", "4-rows"])
+def test_native_decode_with_lora_rows_equals_the_per_op_path(lens, calls):
+    """Unmerged LoRA updates on every projection (q/v on some rows, k/o/gate/up/down on others, a LoRA that owns
+    every row) inside the compiled layer equal the per-op path; dropping them is caught."""
+    model = _model()
+    a, b = _loras(model)
+    n = len(lens)
+    lora = [(a, None)] if n == 1 else [(a, [0, 2]), (b, [1, 3])]
+    slots = None if n == 1 else [0, 1, 0, 2]  # PARA / (IA)³ scales on the rows without LoRA
+    with per_op(model):
+        want = _decode(model, lens, slots, lora=lora)
+    assert not calls
+    got = _decode(model, lens, slots, lora=lora)
+    assert len(calls) == 4 * ARGS.n_layers
+    for g, w in zip(got, want):
+        assert_close(g, w, MODEL_PATH)
+    assert_far(_decode(model, lens, slots)[-1], want[-1], MODEL_PATH)  # negative control: the LoRAs left out
+
+
+@torch.inference_mode()
 def test_what_stays_on_the_per_op_path(calls):
-    """LoRA rows, more than 8 rows, a prefill and autograd never take the compiled layer."""
+    """More than 8 rows, a prefill, a LoRA in training mode (dropout) never take the compiled layer."""
     model = _model()
     cache = PagedKVCache(model.args, num_blocks=40, block_size=4)
     tables = [BlockTable() for _ in range(9)]
     model.forward_step(torch.arange(9 * 3) % 83, cache.prepare_step(tables, [3] * 9), cache.k, cache.v)
     model.forward_step(torch.arange(9), cache.prepare_step(tables, [1] * 9), cache.k, cache.v)  # 9 rows
-    lora = create_adapter(model, LoRAConfig(r=2))
+    lora = create_adapter(model, LoRAConfig(r=2, lora_dropout=0.1)).train()
     step = cache.prepare_step(tables[:2], [1, 1])
     step.adapters = AdapterStep({}, torch.tensor([0]), lora=[(lora, torch.tensor([1]))])
     model.forward_step(torch.arange(2), step, cache.k, cache.v)
     assert not calls
-    model.forward_step(torch.arange(2), cache.prepare_step(tables[:2], [1, 1]), cache.k, cache.v)
-    assert len(calls) == ARGS.n_layers  # the same step without the LoRA row does
+    lora.eval()  # no dropout: the same step takes it
+    step = cache.prepare_step(tables[:2], [1, 1])
+    step.adapters = AdapterStep({}, torch.tensor([0]), lora=[(lora, torch.tensor([1]))])
+    model.forward_step(torch.arange(2), step, cache.k, cache.v)
+    assert len(calls) == ARGS.n_layers
 
 
 def test_disabled_or_unbuildable_falls_back(monkeypatch, tmp_path):

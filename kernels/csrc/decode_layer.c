@@ -5,7 +5,8 @@
    through block_tables[m]. The projections are GEMVs of the BLAS numpy uses (its cblas_sgemv, handed over
    by kernels/native.py with pl_set_sgemv): its threads stream the weights at the memory roof, and the
    process keeps one thread pool (a second one, e.g. OpenMP's, spins against it on a 2-core machine). The
-   small steps between them (norms, RoPE, the KV write, attention, SwiGLU) run here on the calling thread.
+   small steps between them (norms, RoPE, the KV write, attention, SwiGLU, unmerged LoRA updates) run here
+   on the calling thread.
    Built and loaded by kernels/native.py. */
 
 #include <math.h>
@@ -13,6 +14,17 @@
 #include <stdint.h>
 
 #define MAX_ROWS 8
+
+/* An unmerged LoRA update of one projection (peft's order): y[m] += (b @ (a @ x[m])) * scaling for the rows
+   listed (all rows when rows is NULL). */
+enum { LORA_Q, LORA_K, LORA_V, LORA_O, LORA_GATE, LORA_UP, LORA_DOWN };
+typedef struct {
+    int64_t proj, r, n_rows;
+    const float *a;      /* (r, in) */
+    const float *b;      /* (out, r) */
+    const int64_t *rows; /* (n_rows,) packed rows, or NULL: every row */
+    float scaling;
+} Lora;
 
 typedef struct {
     int64_t rows, dim, n_heads, n_kv_heads, head_dim, ffn_dim, block_size, max_blocks;
@@ -35,6 +47,8 @@ typedef struct {
     const int64_t *block_tables;               /* (rows, max_blocks) */
     const int64_t *seq_lens; /* (rows,) */
     float *work;             /* scratch: see pl_decode_layer_work */
+    const Lora *lora;        /* (n_lora,) this layer's LoRA updates */
+    int64_t n_lora;
 } Layer;
 
 static float dot(const float *a, const float *b, int64_t n) {
@@ -63,6 +77,24 @@ static void linear(const float *w, int64_t n_out, int64_t k, const float *x, int
         int64_t n = n_out - c < step ? n_out - c : step;
         for (int64_t m = 0; m < rows; m++)
             sgemv(101, 111, n, k, 1.0f, w + c * k, k, x + m * xstride, 1, 0.0f, y + m * n_out + c, 1);
+    }
+}
+
+/* Every LoRA update of projection `proj`: its input rows x (stride xs, width `in`), its output columns
+   y[col0 .. col0 + out) of rows ys apart. */
+static void apply_lora(const Layer *L, int64_t proj, const float *x, int64_t xs, int64_t in, float *y, int64_t ys,
+                       int64_t col0, int64_t out) {
+    for (int64_t u = 0; u < L->n_lora; u++) {
+        const Lora *d = &L->lora[u];
+        if (d->proj != proj) continue;
+        int64_t n = d->rows ? d->n_rows : L->rows;
+        for (int64_t j = 0; j < n; j++) {
+            int64_t m = d->rows ? d->rows[j] : j;
+            float t[256];  /* r <= 256: checked by the caller */
+            for (int64_t k = 0; k < d->r; k++) t[k] = dot(d->a + k * in, x + m * xs, in);
+            float *ym = y + m * ys + col0;
+            for (int64_t c = 0; c < out; c++) ym[c] += dot(d->b + c * d->r, t, d->r) * d->scaling;
+        }
     }
 }
 
@@ -99,12 +131,16 @@ int pl_decode_layer(const Layer *L) {
         rms_norm_row(h, L->attn_norm, normed + m * d, d, L->eps);
     }
     linear(L->wqkv, qkv_dim, d, normed, d, qkv, M);
-    for (int64_t m = 0; m < M; m++) {  /* scale, RoPE of Q and K (interleaved pairs), K/V to the cache */
-        float *r = qkv + m * qkv_dim;
-        if (L->scale_qkv) {
+    if (L->scale_qkv)
+        for (int64_t m = 0; m < M; m++) {
             const float *s = L->scale_qkv + m * L->scale_qkv_stride;
-            for (int64_t i = 0; i < qkv_dim; i++) r[i] *= s[i];
+            for (int64_t i = 0; i < qkv_dim; i++) qkv[m * qkv_dim + i] *= s[i];
         }
+    apply_lora(L, LORA_Q, normed, d, d, qkv, qkv_dim, 0, q_dim);
+    apply_lora(L, LORA_K, normed, d, d, qkv, qkv_dim, q_dim, kv_dim);
+    apply_lora(L, LORA_V, normed, d, d, qkv, qkv_dim, q_dim + kv_dim, kv_dim);
+    for (int64_t m = 0; m < M; m++) {  /* RoPE of Q and K (interleaved pairs), K/V to the cache */
+        float *r = qkv + m * qkv_dim;
         const float *cs = L->cos_sin + m * hd;
         for (int64_t head = 0; head < H + Hkv; head++) {
             float *p = r + head * hd;
@@ -143,22 +179,28 @@ int pl_decode_layer(const Layer *L) {
         }
     }
     linear(L->wo, d, q_dim, attn, q_dim, o, M);
+    apply_lora(L, LORA_O, attn, q_dim, q_dim, o, d, 0, d);
     for (int64_t m = 0; m < M; m++) {  /* stream += attention; normed = rms_norm(stream) */
         float *h = L->stream + m * d;
         for (int64_t i = 0; i < d; i++) h[i] += o[m * d + i];
         rms_norm_row(h, L->ffn_norm, normed + m * d, d, L->eps);
     }
     linear(L->w13, 2 * f, d, normed, d, g13, M);
-    for (int64_t m = 0; m < M; m++) {  /* SwiGLU input: silu(gate) * (up * scale_u), in the gate's place */
-        float *gate = g13 + m * 2 * f, *up = gate + f;
-        const float *s = L->scale_u ? L->scale_u + m * L->scale_u_stride : NULL;
-        for (int64_t i = 0; i < f; i++) {
-            float u = s ? up[i] * s[i] : up[i];
-            gate[i] = gate[i] / (1.0f + expf(-gate[i])) * u;
+    if (L->scale_u)
+        for (int64_t m = 0; m < M; m++) {
+            const float *s = L->scale_u + m * L->scale_u_stride;
+            float *up = g13 + m * 2 * f + f;
+            for (int64_t i = 0; i < f; i++) up[i] *= s[i];
         }
+    apply_lora(L, LORA_GATE, normed, d, d, g13, 2 * f, 0, f);
+    apply_lora(L, LORA_UP, normed, d, d, g13, 2 * f, f, f);
+    for (int64_t m = 0; m < M; m++) {  /* SwiGLU input: silu(gate) * up, in the gate's place */
+        float *gate = g13 + m * 2 * f, *up = gate + f;
+        for (int64_t i = 0; i < f; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
     }
     /* w2 reads row m's hidden at g13 + m * 2f: a (M, f) matrix with row stride 2f */
     linear(L->w2, d, f, g13, 2 * f, L->out, M);
+    apply_lora(L, LORA_DOWN, g13, 2 * f, f, L->out, d, 0, d);
     return 0;
 }
 
