@@ -147,6 +147,9 @@ def _p(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+_LAYOUT = ("attention_norm", "wqkv", "wo", "ffn_norm", "w13", "w2", "k_cache", "v_cache", "x", "block_tables")
+
+
 def decode_layer(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -175,6 +178,9 @@ def decode_layer(
     lib = library()
     M, d = x.shape
     attn_norm, wqkv, wo, ffn_norm, w13, w2 = weights
+    for name, t in zip(_LAYOUT, (*weights, k_cache, v_cache, x, block_tables)):
+        if not t.is_contiguous():  # the C code walks raw rows: a strided view would read the wrong memory
+            raise ValueError(f"decode_layer: {name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})")
     H, H_kv, hd = shape
     f = w2.shape[1]
     out, stream = torch.empty_like(x), torch.empty_like(x)

@@ -185,3 +185,27 @@ def test_disabled_or_unbuildable_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("PARALLAMA_CACHE", str(tmp_path))  # no prebuilt library either
     with pytest.warns(UserWarning, match="compiled decode layer is unavailable"):
         assert CpuOps().decode_layer is None
+
+
+@torch.inference_mode()
+def test_a_strided_weight_is_refused_not_misread():
+    """The C code reads raw rows: a weight that is a strided view gets a one-line error naming it."""
+    model = _model()
+    layer = model.layers[0]
+    wo = layer.attention.wo.weight
+    strided = torch.empty(wo.shape[1], wo.shape[0]).t()  # same shape, column-major
+    strided.copy_(wo)
+    cache = PagedKVCache(model.args, num_blocks=8, block_size=4)
+    tables = [BlockTable()]
+    model.forward_step(torch.arange(3), cache.prepare_step(tables, [3]), cache.k, cache.v)
+    step = cache.prepare_step(tables, [1])
+    x = model.tok_embeddings(torch.tensor([5]))
+    cos_sin = model.rope_cos_sin[step.positions]
+    a, f = layer.attention, layer.feed_forward
+    weights = (layer.attention_norm.weight, a.wqkv, strided, layer.ffn_norm.weight, f.w13, f.w2.weight)
+    args = (1e-5, (a.n_heads, a.n_kv_heads, a.head_dim), cos_sin, cache.k[0], cache.v[0])
+    args += (step.slots, step.block_tables, step.seq_lens)
+    with pytest.raises(ValueError, match="decode_layer: wo must be contiguous"):
+        native.decode_layer(x, None, weights, *args)
+    out, _ = native.decode_layer(x, None, (*weights[:2], wo, *weights[3:]), *args)
+    assert out.isfinite().all()
