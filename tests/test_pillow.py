@@ -287,7 +287,7 @@ def test_pool_and_shot_errors(tmp_path):
         (["--pool", "EMPTY"], "EMPTY: the prompt pool is empty"),
         (["--pool", "BAD"], "BAD:2: not valid JSON"),
         (["--train", "MISSING"], "--train MISSING: no such file"),
-        (["--task", "nope"], "--task 'nope' is unknown"),
+        (["--task", "nope"], "--task: unknown task 'nope'"),
         (["--evaluate"], "--evaluate needs --matcher DIR"),
     ],
 )
@@ -601,3 +601,19 @@ def test_real_llm_loop_on_smollm2(smollm2, tmp_path):
         picks = m.rollout(q_emb, pool_emb, 1, greedy=True).choices[:, 0]
     got = table[torch.arange(len(queries)), picks]
     assert (got[useful] == table.max(1).values[useful]).float().mean() > 0.9
+
+
+def test_oracle_picks_exemplars_of_the_querys_kind():
+    """The evaluation's upper bound on a task with kinds (train/tasks/formats.py): m allowed exemplars of the
+    query's own kind; none when a record has no kind or a kind has too few exemplars."""
+    from infer.pillow import Pool
+    from train.pillow.evaluate import oracle_choices
+
+    pool = Pool("p", [{"prompt": f"p{i}", "response": "r", "kind": k} for i, k in enumerate("abab")], "")
+    queries = [{"prompt": "q0", "response": "r", "kind": "b"}, {"prompt": "q1", "response": "r", "kind": "a"}]
+    assert oracle_choices(queries, pool, 2, None).tolist() == [[1, 3], [0, 2]]
+    banned = torch.zeros(2, 4, dtype=torch.bool)
+    banned[0, 1] = True  # e.g. the query is that exemplar
+    assert oracle_choices(queries, pool, 1, banned).tolist() == [[3], [0]]
+    assert oracle_choices(queries, pool, 2, banned) is None  # kind b has one allowed exemplar left
+    assert oracle_choices([{"prompt": "q", "response": "r"}], pool, 1, None) is None

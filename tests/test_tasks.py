@@ -231,3 +231,29 @@ def test_hsm_gold_is_the_problem_value(generated):
 def test_records_are_json_lines_with_ids(generated):
     lines = generated["boolq"]["dev"].read_text().splitlines()
     assert [json.loads(s)["id"] for s in lines] == [f"boolq-dev-{i}" for i in range(10)]
+
+
+def test_formats_kinds_are_shown_only_by_exemplars(tmp_path):
+    """PILLOW's test bed: every prompt has the same shape ("x, y"), the kind decides the response's format,
+    and the metric is exact on the first line (format, case and punctuation count)."""
+    from train.tasks import EXTRA_TASKS, task
+    from train.tasks.formats import KINDS, first_line_exact
+
+    fmt = task("formats")
+    assert fmt is EXTRA_TASKS["formats"] and "formats" not in TASKS  # not one of the suite's five
+    paths = fmt.generate(tmp_path, seed=0, n_train=300, n_dev=20, n_test=20)
+    recs = records(paths)
+    assert recs == records(fmt.generate(tmp_path / "again", seed=0, n_train=300, n_dev=20, n_test=20))
+    assert {r["kind"] for r in recs} == set(KINDS)
+    for r in recs:
+        a, b = r["prompt"].split(", ")
+        assert a != b and all(x in KINDS[r["kind"]][0] for x in (a, b))
+    by_kind = {r["kind"]: r for r in recs}
+    assert by_kind["colors"]["response"] == by_kind["colors"]["prompt"].upper().replace(", ", "/")
+    assert by_kind["animals"]["response"] == by_kind["animals"]["prompt"].replace(", ", " + ")
+    r = by_kind["cities"]
+    assert first_line_exact(f"  {r['response']}\nmore text", r) == 1.0
+    assert first_line_exact(r["response"].lower() + "!", r) == 0.0 or r["response"].lower() + "!" == r["response"]
+    assert first_line_exact(r["prompt"], r) == 0.0  # the items without the format score nothing
+    with pytest.raises(KeyError, match="unknown task 'nope'"):
+        task("nope")

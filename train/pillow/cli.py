@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dev", help="dev queries JSONL: the best matcher by greedy dev reward is kept")
     a("--test", help="--evaluate: test queries JSONL")
     a("--out", help="training: output directory; --evaluate: results directory (default bench/results)")
-    a("--task", help="task whose metric is the reward (hsm, q2sql, squad, boolq, copa); default exact match")
+    a("--task", help="task whose metric is the reward (hsm, q2sql, squad, boolq, copa, formats); default exact match")
     a("--shots", type=int, default=d.shots, help="m, the exemplars per query")
     a("--chat", action=argparse.BooleanOptionalAction, help="chat template (default: when the tokenizer has one)")
     a("--steps", type=int, default=d.steps)
@@ -82,11 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _metric(task: str | None) -> Metric:
     if task is None:
         return exact_match
-    from train.tasks import TASKS
+    from train.tasks import task as find_task
 
-    if task not in TASKS:
-        raise PillowError(f"--task {task!r} is unknown (choose from {', '.join(TASKS)})")
-    return TASKS[task].metric
+    try:
+        return find_task(task).metric
+    except KeyError as e:
+        raise PillowError(f"--task: {e.args[0]}") from None
 
 
 def _read(flag: str, path: str | None) -> list[Record]:

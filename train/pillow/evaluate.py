@@ -1,5 +1,6 @@
-"""PILLOW evaluation: 0-shot, random, cosine-nearest and PILLOW m-shot selection, scored by the task metric of the
-frozen LLM's answers, for the base model and for adapters; a markdown table of the scores."""
+"""PILLOW evaluation: 0-shot, random, cosine-nearest and PILLOW m-shot selection (and, for records with a `kind`,
+the oracle: exemplars of the query's own kind), scored by the task metric of the frozen LLM's answers, for the
+base model and for adapters; a markdown table of the scores."""
 
 from __future__ import annotations
 
@@ -23,6 +24,22 @@ from train.evaluate import Metric
 from train.pillow.rl import ANSWER_SLACK, LLMAnswerer, Rewarder
 
 STRATEGIES = ("0-shot", "random", "nearest", "pillow")
+ORACLE = "oracle"  # when every query and exemplar has a "kind": m exemplars of the query's own kind
+
+
+def oracle_choices(records: list[Record], pool: Pool, shots: int, banned: torch.Tensor | None) -> torch.Tensor | None:
+    """(N, m) for each query the first m allowed pool exemplars of its own `kind` (the upper bound a selector can
+    reach on a task such as `formats`), or None when a record lacks a kind or a kind has fewer than m exemplars."""
+    if not all("kind" in r for r in [*records, *pool.records]):
+        return None
+    rows = []
+    for i, r in enumerate(records):
+        allowed = [j for j in range(len(pool)) if banned is None or not banned[i, j]]
+        same = [j for j in allowed if pool.records[j]["kind"] == r["kind"]]
+        if len(same) < shots:
+            return None
+        rows.append(same[:shots])
+    return torch.tensor(rows, dtype=torch.long).view(len(records), shots)
 
 
 def evaluate_selection(
@@ -64,8 +81,11 @@ def evaluate_selection(
                     "nearest": nearest_choices(emb, pool_emb, shots, banned),
                     "pillow": matchers[system].rollout(emb, pool_emb, shots, banned=banned, greedy=True).choices,
                 }
+            oracle = oracle_choices(records, pool, shots, banned)
+            if oracle is not None:
+                choices[ORACLE] = oracle
             scores[system][split] = {}
-            for strategy in STRATEGIES:
+            for strategy in choices:
                 if progress:
                     print(f"{system} {split} {strategy}: {len(records)} queries", file=sys.stderr)
                 reward = Rewarder(records, pool, answerer, metric)
@@ -94,8 +114,11 @@ def format_selection_table(result: dict[str, Any], metric_name: str = "metric") 
     cols = [(system, split) for system, by_split in scores.items() for split in by_split]
     head = "| selection | " + " | ".join(f"{system} {split}" for system, split in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 1)]
-    for strategy in STRATEGIES:
+    present = [t for t in (*STRATEGIES, ORACLE) if all(t in scores[s][sp] for s, sp in cols)]
+    for strategy in present:
         label = strategy if strategy == "0-shot" else f"{strategy} {result['shots']}-shot"
+        if strategy == ORACLE:
+            label += " (same kind: the bound)"
         lines.append(f"| {label} | " + " | ".join(f"{100 * scores[s][sp][strategy]:.1f}" for s, sp in cols) + " |")
     n = ", ".join(f"{split} {k}" for split, k in result["n"].items())
     return "\n".join(lines) + f"\n\n{metric_name} ×100; pool of {result['pool_size']}; queries: {n}.\n"
