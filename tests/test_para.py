@@ -69,6 +69,8 @@ def _hf_para_logits(hf, adapter: PARAAdapter, tokens: torch.Tensor, prompt_lens:
             sd = adapter.state_dict()
             down, up, b = (sd[f"layers.{i}.para.{n}"] for n in ("down.weight", "up.weight", "up.bias"))
             pooled = h[torch.arange(B), prompt_lens - 1]  # (B, d)
+            if cfg.pool_norm:  # pool / rms(pool), the model's eps
+                pooled = pooled / (pooled.pow(2).mean(-1, keepdim=True) + hf.config.rms_norm_eps).sqrt()
             lvec = act(pooled @ down.T) @ up.T + b  # (B, n_out)
             parts = dict(zip(sizes, lvec.split(list(sizes.values()), dim=-1)))
             if "q" in parts:  # HF's q_proj rows are Meta's wq rows permuted to rotate-half: permute l_q alike
@@ -98,19 +100,20 @@ def _hf_para_logits(hf, adapter: PARAAdapter, tokens: torch.Tensor, prompt_lens:
 
 
 @pytest.mark.parametrize(
-    "n_kv, adjust, activation",
+    "n_kv, adjust, activation, pool_norm",
     [
-        (2, ("q", "v", "u"), "gelu"),
-        (4, ("q", "v", "u"), "gelu"),
-        (2, ("q",), "gelu"),
-        (2, ("v", "u"), "silu"),
-        (1, ("u", "q"), "relu"),
+        (2, ("q", "v", "u"), "gelu", True),
+        (2, ("q", "v", "u"), "gelu", False),
+        (4, ("q", "v", "u"), "gelu", True),
+        (2, ("q",), "gelu", True),
+        (2, ("v", "u"), "silu", False),
+        (1, ("u", "q"), "relu", True),
     ],
-    ids=["gqa-qvu", "mha-qvu", "gqa-q", "gqa-vu-silu", "mqa-qu-relu"],
+    ids=["gqa-qvu", "gqa-qvu-paper", "mha-qvu", "gqa-q", "gqa-vu-silu-paper", "mqa-qu-relu"],
 )
-def test_para_matches_independent_transformers_implementation(n_kv, adjust, activation):
+def test_para_matches_independent_transformers_implementation(n_kv, adjust, activation, pool_norm):
     model, sd = _model(n_kv)
-    adapter = create_adapter(model, PARAConfig(adjust=adjust, activation=activation))
+    adapter = create_adapter(model, PARAConfig(adjust=adjust, activation=activation, pool_norm=pool_norm))
     _randomize(adapter)
     hf = tiny_hf_oracle(sd, n_kv)
     tokens = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(2))

@@ -1,6 +1,7 @@
 """Adapter files: a directory holding `adapter_model.safetensors` + `adapter_config.json`.
 
-PARA's config holds {"method": "para", r, activation, adjust, base_model}; LoRA / (IA)³ configs are exactly
+PARA's config holds {"method": "para", r, activation, adjust, pool_norm, base_model} (a file without pool_norm,
+written before it existed, is the paper's form: pool_norm false); LoRA / (IA)³ configs are exactly
 peft's, and their base_model goes into the safetensors header instead (peft warns about unknown config
 keys), so a directory moves between parallama and `peft.PeftModel.from_pretrained` both ways.
 A save replaces the whole directory in one rename (weights.io.atomic_dir): a reader sees the old pair or the

@@ -4,6 +4,12 @@ Each layer ℓ owns a vector generator VG_ℓ: a bottleneck MLP that reads one h
 and emits l = act(pool · W_downᵀ) · W_upᵀ + b_up, split into l_q (H·hd), l_v (H_kv·hd) and l_u (d_ffn).
 The model then uses Q' = l_q ⊙ (x W_qᵀ) before RoPE, V' = l_v ⊙ (x W_vᵀ) and U' = l_u ⊙ (x W_3ᵀ);
 K and the gate are never scaled. W_up = 0 and b_up = 1 at init, so a fresh adapter is the identity.
+
+`PARAConfig.pool_norm` (default True) makes VG read pool / rms(pool), a parameter-free RMS normalisation
+(the model's norm_eps), instead of the raw residual stream. The raw stream's RMS grows with depth (SmolLM2:
+~0.1 at layer 0, ~28 at layer 29), so in the paper's form (pool_norm=False) the deep layers' vectors move
+hundreds of times faster per optimizer step than the shallow ones', and PARA diverges at learning rates
+LoRA trains well at (bench/results/lr_sweep_cpu/). Files without the field load as the paper's form.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class PARAConfig:
     r: int = 12
     activation: str = "gelu"
     adjust: tuple[str, ...] = ("q", "v", "u")
+    pool_norm: bool = True  # VG reads pool / rms(pool); False: the paper's raw pool
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -46,6 +53,8 @@ class PARAConfig:
         bad = [t for t in adjust if t not in TARGETS]
         if bad or not adjust or len(set(adjust)) != len(adjust):
             raise ValueError(f"PARAConfig: adjust={adjust!r} must be a non-empty subset of ('q', 'v', 'u')")
+        if not isinstance(self.pool_norm, bool):
+            raise ValueError(f"PARAConfig: pool_norm={self.pool_norm!r} must be true or false")
         self.adjust = tuple(t for t in TARGETS if t in adjust)  # canonical q, v, u order
 
 
@@ -88,9 +97,14 @@ class PARAAdapter(Adapter):
 
         Pooler choice (PARA.md §2): the layer's INPUT, i.e. the residual stream before attention_norm,
         at each row's last prompt token (the caller pools: `Adapter.layer` or the engine's prefill).
+        The one place every path (no-cache forward, engine prefill, tensor-parallel shards) goes through,
+        so `pool_norm` applies alike everywhere.
         """
         if pooled is None:
             raise ValueError("PARA vectors need the pooled prompt hidden states")
+        if self.config.pool_norm:  # parameter-free RMS normalisation, in fp32 like the model's RMSNorm
+            x = pooled.float()
+            pooled = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.args.norm_eps)).to(pooled.dtype)
         l = self.layers[i]["para"](pooled)  # (B, n_out)
         return dict(zip(self.sizes, l.split(list(self.sizes.values()), dim=-1)))
 
@@ -99,12 +113,23 @@ class PARAAdapter(Adapter):
 
     def file_config(self) -> dict[str, Any]:
         c = self.config
-        return {"method": self.method, "r": c.r, "activation": c.activation, "adjust": list(c.adjust)}
+        return {
+            "method": self.method,
+            "r": c.r,
+            "activation": c.activation,
+            "adjust": list(c.adjust),
+            "pool_norm": c.pool_norm,
+        }
 
     @classmethod
     def from_file(cls, args: ModelArgs, config: dict[str, Any], where: Path) -> PARAAdapter:
         try:
-            cfg = PARAConfig(r=config["r"], activation=config["activation"], adjust=tuple(config["adjust"]))
+            cfg = PARAConfig(
+                r=config["r"],
+                activation=config["activation"],
+                adjust=tuple(config["adjust"]),
+                pool_norm=config.get("pool_norm", False),  # files from before the field: the paper's form
+            )
         except KeyError as e:
             raise AdapterError(f"{where}: field {e.args[0]!r} is missing") from None
         except (ValueError, TypeError) as e:
