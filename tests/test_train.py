@@ -515,10 +515,11 @@ def test_divergence_dev_loss_above_initial(tiny, tiny_dir, toy, tmp_path, capsys
 
 
 def test_divergence_non_finite_train_loss(tiny, toy, tmp_path, capsys):
-    """PARA at lr 1e20: its scales overflow float32 and the second step's loss is NaN. From Python the run
-    returns (no exception) with diverged set; best/ (step 0) is still scored on the test set."""
+    """PARA in the paper's form (raw pool: VG's pre-activations are large) at lr 1e20: its scales overflow float32
+    and the second step's loss is NaN. From Python the run returns (no exception) with diverged set; best/ (step 0)
+    is still scored on the test set."""
     out = tmp_path / "o"
-    cfg = config(toy, out, method="para", lr=1e20, max_steps=30, test=str(toy["test"]))
+    cfg = config(toy, out, method="para", pool_norm=False, lr=1e20, max_steps=30, test=str(toy["test"]))
     result = finetune(cfg, model=tiny)
     assert result.diverged and result.diverge_reason == "train loss nan" and result.steps == 2
     assert not result.improved and result.best_step == 0 and math.isfinite(result.best_dev_loss)

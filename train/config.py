@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 METHODS = ("para", "lora", "ia3")
 DEFAULT_RANK = {"para": 12, "lora": 8}
+# each method's default learning rate: bench/lr_sweep.py's pick over lr ∈ {1e-4 .. 1e-2} on two tasks
+# (bench/results/lr_sweep_cpu/README.md states the rule and the table)
+DEFAULT_LR = {"para": 3e-3, "lora": 1e-2, "ia3": 1e-2}
 
 
 class TrainError(ValueError):
@@ -27,7 +31,9 @@ class FinetuneConfig:
     lora_alpha: float | None = None  # default: r (scaling 1)
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    lr: float = 1e-4
+    lr: float | None = None  # None: DEFAULT_LR[method], resolved by check()
+    pool_norm: bool = True  # PARA: VG reads pool / rms(pool); False: the paper's raw pool (--no-pool-norm)
+    down_lr_rsqrt: bool = False  # PARA: W_down trained at lr / sqrt(dim) (the other parameters at lr)
     weight_decay: float = 0.0  # not on by default: it would pull PARA's b_up = 1 (the identity) towards 0
     warmup_ratio: float = 0.06
     epochs: int = 10
@@ -55,6 +61,11 @@ class FinetuneConfig:
             raise TrainError(f"--method {self.method!r} is unknown (choose one of {', '.join(METHODS)})")
         if self.method == "ia3" and self.r is not None:
             raise TrainError("--r does not apply to --method ia3 (it has no rank)")
+        if self.method != "para" and (not self.pool_norm or self.down_lr_rsqrt):
+            flag = "--no-pool-norm" if not self.pool_norm else "--down-lr-rsqrt"
+            raise TrainError(f"{flag} applies to --method para only, not {self.method}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.method]
         positive = ("lr", "epochs", "batch_size", "grad_accum", "eval_every", "patience", "diverge_patience")
         positive += ("beams", "log_every")
         optional = ("r", "max_steps", "eval_batch_size", "max_len", "max_new_tokens", "stop_after", "lora_alpha")
@@ -77,6 +88,8 @@ TRAJECTORY = (
     "lora_dropout",
     "lora_targets",
     "lr",
+    "pool_norm",
+    "down_lr_rsqrt",
     "weight_decay",
     "warmup_ratio",
     "epochs",
@@ -121,7 +134,7 @@ def adapter_config(config: FinetuneConfig) -> Any:
 
     try:
         if config.method == "para":
-            return PARAConfig(r=config.r or DEFAULT_RANK["para"])
+            return PARAConfig(r=config.r or DEFAULT_RANK["para"], pool_norm=config.pool_norm)
         if config.method == "lora":
             r = config.r or DEFAULT_RANK["lora"]
             return LoRAConfig(
@@ -133,3 +146,14 @@ def adapter_config(config: FinetuneConfig) -> Any:
         return IA3Config()
     except ValueError as e:
         raise TrainError(str(e)) from None
+
+
+def optimizer_groups(config: FinetuneConfig, adapter: Any) -> list[dict[str, Any]]:
+    """AdamW parameter groups: one at config.lr, plus PARA's W_down at lr / sqrt(dim) with --down-lr-rsqrt."""
+    if not config.down_lr_rsqrt:
+        return [{"params": adapter.trainable_parameters()}]
+    named = [(n, p) for n, p in adapter.named_parameters() if p.requires_grad]
+    down = [p for n, p in named if n.endswith("para.down.weight")]
+    rest = [p for n, p in named if not n.endswith("para.down.weight")]
+    assert config.lr is not None
+    return [{"params": rest}, {"params": down, "lr": config.lr / math.sqrt(adapter.args.dim)}]

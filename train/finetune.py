@@ -3,9 +3,10 @@
     python -m train.finetune --model default --method para --train T.jsonl --dev D.jsonl [--test E.jsonl] --out DIR
     torchrun --nproc_per_node N -m train.finetune ...   # data parallel: see train/ddp.py
 
-AdamW (lr 1e-4), linear decay after a 6% linear warm-up, gradient clipping, dev loss every --eval-every
-optimizer steps (and at the end), early stopping after --patience evals without improvement, best adapter
-kept, final test evaluation with beam search (width 3) through the engine. Programmatic use:
+AdamW (default lr per method: train.config.DEFAULT_LR), linear decay after a 6% linear warm-up, gradient
+clipping, dev loss every --eval-every optimizer steps (and at the end), early stopping after --patience evals
+without improvement, best adapter kept, final test evaluation with beam search (width 3) through the engine.
+PARA's vector generators read the RMS-normalised pool unless --no-pool-norm (the paper's form). Programmatic use:
 `finetune(FinetuneConfig(...), metric=...) -> FinetuneResult`.
 
 OUT holds `best/` (the adapter with the lowest dev loss; the step-0 identity adapter competes too),
@@ -26,7 +27,6 @@ for a later --resume. Resuming needs the same settings and data (checked). Dropo
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -42,12 +42,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from infer.cli import EXIT_BAD_INPUT, ArgumentParser
+from infer.cli import EXIT_BAD_INPUT
 from train import checkpoint
-from train.config import TRAJECTORY, FinetuneConfig, FinetuneResult, TrainError, adapter_config
+from train.config import TRAJECTORY, FinetuneConfig, FinetuneResult, TrainError, adapter_config, optimizer_groups
 from train.data import DataError, Dataset, collate, length_grouped_batches, load_dataset, read_jsonl
 from train.ddp import World, setup
 from train.evaluate import Metric, autocast, batch_loss, dev_loss, exact_match, generate
+from train.finetune_args import build_parser
 from weights.adapters import load_adapter, save_adapter
 from weights.io import atomic_write
 
@@ -185,7 +186,7 @@ class _Run:
         adapter.train()
         self.adapter = adapter
         self._epoch, self._order = -1, []  # the epoch whose batch order is cached
-        opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        opt = torch.optim.AdamW(optimizer_groups(c, adapter), lr=c.lr, weight_decay=c.weight_decay)
         n_micro = math.ceil(len(self.train_set) / c.batch_size)
         self.steps_per_epoch = math.ceil(n_micro / c.grad_accum)
         total = self.steps_per_epoch * c.epochs
@@ -371,52 +372,6 @@ class _Run:
                     row = {"prompt": e.record["prompt"], "response": e.record["response"], "prediction": t, "score": s}
                     f.write(json.dumps(row) + "\n")
         return sum(scores) / len(scores)
-
-
-# ---- command line -------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    d = FinetuneConfig("", "", "")
-    p = ArgumentParser(prog="python -m train.finetune", description=__doc__.splitlines()[0])
-    a = p.add_argument
-    a("--model", default=d.model, help="'default' (SmolLM2-135M-Instruct), a .gguf file, a Meta or an HF directory")
-    a("--method", default=d.method, help="para | lora | ia3")
-    a("--train", required=True, help='JSONL, one {"prompt": ..., "response": ...} per line')
-    a("--dev", required=True, help="JSONL: dev loss for early stopping and the best checkpoint")
-    a("--test", help="JSONL: scored after training (beam search through the engine)")
-    a("--out", required=True, help="output directory")
-    a("--chat", action="store_true", help="wrap prompts in the model's chat template")
-    a("--r", type=int, help="PARA / LoRA rank (default 12 / 8)")
-    a("--lora-alpha", type=float, help="LoRA alpha (default: r)")
-    a("--lora-dropout", type=float, default=d.lora_dropout)
-    a("--lora-targets", default=",".join(d.lora_targets), help="comma-separated projections (peft names)")
-    a("--lr", type=float, default=d.lr)
-    a("--weight-decay", type=float, default=d.weight_decay)
-    a("--warmup-ratio", type=float, default=d.warmup_ratio)
-    a("--epochs", type=int, default=d.epochs)
-    a("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch, over all ranks")
-    a("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    a("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 = no clipping")
-    a("--max-steps", type=int, help="cap on optimizer steps (sets the schedule's length)")
-    a("--eval-every", type=int, default=d.eval_every, help="optimizer steps between dev evaluations")
-    a("--patience", type=int, default=d.patience, help="evals without dev improvement before stopping")
-    a(
-        "--diverge-patience",
-        type=int,
-        default=d.diverge_patience,
-        help="evals in a row with dev loss above the initial one before stopping as diverged (exit 3)",
-    )
-    a("--eval-batch-size", type=int)
-    a("--max-len", type=int, help="max tokens per example (default: the model's context); longer: response cut")
-    a("--max-new-tokens", type=int, help="test generation budget (default: longest test response)")
-    a("--beams", type=int, default=d.beams)
-    a("--seed", type=int, default=d.seed)
-    a("--skip-bad", action="store_true", help="skip (and report) malformed lines instead of stopping")
-    a("--resume", action="store_true", help="continue from OUT/last")
-    a("--stop-after", type=int, help="stop after this step as an interruption would (resume later)")
-    a("--log-every", type=int, default=d.log_every)
-    a("--device", help="default: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu")
-    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ from train.suite_report import LABELS, format_table, medians, para_wins, plot
 from train.tasks import TASKS, Task
 from weights.io import atomic_write, read_json
 
+PARA_ONLY = ("pool_norm", "down_lr_rsqrt")  # finetune settings that only PARA runs take
 ZERO_SHOT_SLACK = 8  # extra new tokens the base model gets over the longest test response
 FINETUNE_KEYS = {f.name for f in dataclasses.fields(FinetuneConfig)} - {
     "train",
@@ -216,7 +217,7 @@ def train_one(
         beams=config.beams,
         resume=(out / "last").exists(),
         progress=config.progress,
-        **config.finetune,
+        **{k: v for k, v in config.finetune.items() if method == "para" or k not in PARA_ONLY},
     )
     t0 = time.perf_counter()
     result: FinetuneResult = finetune(fc, model=model, metric=TASKS[task].metric)
@@ -381,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         ft.add_argument(f"--{flag}", type=kind)
     ft.add_argument("--lora-targets", help="comma-separated projections (default q_proj,v_proj)")
+    ft.add_argument(
+        "--no-pool-norm", dest="pool_norm", action="store_const", const=False, help="PARA in the paper's exact form"
+    )
     return p
 
 
