@@ -10,7 +10,7 @@ import pytest
 
 from model import Llama
 from tests.helpers import random_meta_state_dict, train_sentencepiece, write_meta_dir
-from train.suite import SuiteConfig, format_table, main, medians, para_wins, parameter_budgets
+from train.suite import SuiteConfig, cell_stats, format_table, main, paired, para_wins, parameter_budgets
 
 # the finetune tests' tiny shape, with room for the tasks' prompts under a 400-piece tokenizer
 PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32, "max_seq_len": 512}
@@ -39,34 +39,49 @@ def test_budgets_by_hand(tiny_dir):
     assert parameter_budgets(Llama.from_pretrained(tiny_dir), SuiteConfig("unused", lora_r=4))["lora"]["r"] == 4
 
 
-def test_medians_table_and_wins():
+def test_cell_stats_paired_table_and_wins():
+    """Mean, sample std and the paired per-seed difference, by hand: para boolq (0.2, 0.5, 0.4) has mean 11/30 and
+    std sqrt(((−1/6)² + (2/15)² + (1/30)²) / 2) = 0.1528; against lora's (0.3, 0.9) on the seeds both finished (0, 1)
+    the differences are −0.1 and −0.4."""
     runs = (
-        [{"method": "para", "task": "boolq", "test_score": s} for s in (0.2, 0.5, 0.4)]
-        + [{"method": "lora", "task": "boolq", "test_score": s} for s in (0.3, 0.9)]
+        [{"method": "para", "task": "boolq", "seed": i, "test_score": s} for i, s in enumerate((0.2, 0.5, 0.4))]
+        + [{"method": "lora", "task": "boolq", "seed": i, "test_score": s} for i, s in enumerate((0.3, 0.9))]
         + [
-            {"method": "para", "task": "copa", "test_score": 0.5},
-            {"method": "lora", "task": "copa", "test_score": 0.6},
-            {"method": "lora", "task": "hsm", "test_score": None},  # interrupted: no score
+            {"method": "para", "task": "copa", "seed": 0, "test_score": 0.5},
+            {"method": "lora", "task": "copa", "seed": 0, "test_score": 0.6},
+            {"method": "lora", "task": "hsm", "seed": 0, "test_score": None},  # interrupted: no score
         ]
     )
-    cells = medians(runs)
-    assert cells["para"]["boolq"]["median"] == 0.4 and cells["lora"]["boolq"]["median"] == pytest.approx(0.6)
-    assert "hsm" not in cells["lora"]
+    cells = cell_stats(runs)
+    assert cells["para"]["boolq"]["mean"] == pytest.approx(11 / 30)
+    assert cells["para"]["boolq"]["std"] == pytest.approx(0.152753, abs=1e-6)
+    assert cells["para"]["boolq"]["median"] == 0.4 and cells["lora"]["boolq"]["mean"] == pytest.approx(0.6)
+    assert cells["para"]["copa"]["std"] == 0.0 and "hsm" not in cells["lora"]
+    diff = paired(runs)
+    assert diff["boolq"]["scores"] == pytest.approx([-0.1, -0.4]) and diff["boolq"]["seeds"] == [0, 1]
+    assert diff["boolq"]["mean"] == pytest.approx(-0.25) and diff["boolq"]["std"] == pytest.approx(0.212132, abs=1e-6)
+    assert diff["boolq"]["wins"] == 0 and diff["copa"]["n"] == 1 and "hsm" not in diff
     assert para_wins(cells, ["boolq", "copa"]) == []
-    assert para_wins({"para": {"copa": {"median": 0.7}}, "lora": {"copa": {"median": 0.7}}}, ["copa"]) == ["copa"]
+    assert para_wins({"para": {"copa": {"mean": 0.7}}, "lora": {"copa": {"mean": 0.7}}}, ["copa"]) == ["copa"]
+    # the mean decides, not the median: para (0, 1, 1) mean 0.67 median 1 vs lora (0.8,) 0.8
+    wins = cell_stats([{"method": "para", "task": "t", "test_score": s} for s in (0.0, 1.0, 1.0)])
+    wins |= cell_stats([{"method": "lora", "task": "t", "test_score": 0.8}])
+    assert para_wins(wins, ["t"]) == []
     summary = {
         "tasks": ["boolq", "copa"],
         "seeds": 3,
         "methods": ["para", "lora"],
         "cells": cells,
+        "paired": diff,
         "zero_shot": {"boolq": 0.25, "copa": 0.5},
         "budgets": {"para": {"r": 12, "params": 1105920}, "lora": {"r": 19, "params": 1094400}},
     }
     table = format_table(summary).splitlines()
     assert table[0] == "| Method | #Params | BoolQ | COPA |"
     assert table[2] == "| base (zero-shot) | 0 | 25.0 | 50.0 |"
-    assert table[3] == "| LoRA (r=19) | 1.09M | 60.0 (2/3) | 60.0 (1/3) |"
-    assert table[4] == "| PARA (r=12) | 1.11M | 40.0 | 50.0 (1/3) |"
+    assert table[3] == "| LoRA (r=19) | 1.09M | 60.0 ± 42.4 (2/3) | 60.0 (1/3) |"
+    assert table[4] == "| PARA (r=12) | 1.11M | 36.7 ± 15.3 | 50.0 (1/3) |"
+    assert table[5] == "| PARA − LoRA, per seed | | -25.0 ± 21.2 (0/2) | -10.0 (0/1) |"
 
 
 def test_end_to_end_and_resume(tiny_dir, tmp_path, capsys):

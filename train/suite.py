@@ -15,7 +15,9 @@ closest to PARA's (`--lora-r` overrides); (IA)³ has no rank and is far smaller.
 Zero-shot: the base model, beam search (width `--beams`), no adapter, up to the longest test response + 8
 tokens (room for a preamble), the first non-empty line of the output scored by the task's metric.
 Prompts go through the model's chat template when its tokenizer has one (`--chat` / `--no-chat` force it), for the
-fine-tuned runs and the zero-shot row alike. Each cell is the median over seeds of the test score, in percent.
+fine-tuned runs and the zero-shot row alike. Each cell is the mean ± std over seeds of the test score, in percent;
+with PARA and LoRA both run, a last row gives their per-seed difference (same seed, same data) and on how many
+seeds PARA ≥ LoRA.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from infer.cli import ArgumentParser
 from train.config import DEFAULT_RANK, METHODS, FinetuneConfig, FinetuneResult
 from train.data import load_dataset
 from train.finetune import finetune
-from train.suite_report import LABELS, format_table, medians, para_wins, plot
+from train.suite_report import LABELS, cell_stats, format_table, paired, para_wins, plot
 from train.tasks import TASKS, Task
 from weights.io import atomic_write, read_json
 
@@ -310,7 +312,7 @@ def run_suite(config: SuiteConfig, model: Any = None, command: str | None = None
                 r = train_one(model, config, task, method, seed, paths[task], budgets[method]["r"])
                 runs.append({"task": task, "method": method, "seed": seed} | r)
 
-    cells = medians(runs)
+    cells = cell_stats(runs)
     summary = {
         "command": command,
         "machine": {
@@ -329,6 +331,7 @@ def run_suite(config: SuiteConfig, model: Any = None, command: str | None = None
         "zero_shot": zero,
         "cells": cells,
         "runs": runs,
+        "paired": paired(runs) if {"para", "lora"} <= set(config.methods) else {},
         "para_wins": para_wins(cells, list(config.tasks)),
     }
     summary["table"] = format_table(summary)
