@@ -11,6 +11,7 @@ import torch
 from kernels.ops import resolve_backend
 from model import Llama, ModelArgs
 from weights import load_checkpoint
+from weights.hugepages import to_huge_pages
 
 
 def load_model(
@@ -35,6 +36,9 @@ def load_model(
         model = Llama(args, backend=backend)
     sd = {k: v.to(device=device, dtype=dtype) for k, v in ckpt.state_dict.items()}
     model.load_weights(sd, source=str(ckpt.path))
+    del sd
+    if torch.device(device).type == "cpu":
+        to_huge_pages(model)  # decode streams every weight per token: fewer TLB misses (weights/hugepages.py)
     model.setup_rope(device)
     model.tokenizer = ckpt.tokenizer
     return model.eval()
