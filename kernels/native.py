@@ -36,6 +36,7 @@ _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 LORA_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # the C enum's order
 MAX_LORA_RANK = 256
+MAX_HEAD_DIM = 256  # MAX_HEAD_DIM in the C source
 
 
 class _Lora(ctypes.Structure):

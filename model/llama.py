@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import reference
-from kernels.native import MAX_LORA_RANK
+from kernels.native import MAX_HEAD_DIM, MAX_LORA_RANK
 from kernels.ops import TORCH_OPS, Ops, get_ops
 from model.args import ModelArgs
 from model.checks import check_adapter, check_prompt_lens, check_tensors
@@ -361,14 +361,15 @@ class Llama(nn.Module):
 
     def _native_decode(self, x: torch.Tensor, step: StepBatch, k_cache: torch.Tensor) -> bool:
         """Whether this step's layers run as `ops.decode_layer` calls: a decode step (row m = sequence m's
-        newest token) of at most 8 rows, fp32 on CPU, one process, LoRA without dropout (eval mode) and of
-        rank ≤ 256, no autograd."""
+        newest token) of at most 8 rows, fp32 on CPU, head_dim ≤ 256, one process, LoRA without dropout (eval
+        mode) and of rank ≤ 256, no autograd."""
         ad = step.adapters
         lora_ok = ad is None or all(not a.training and a.config.r <= MAX_LORA_RANK for a, _ in ad.lora)
         return (
             self.ops.decode_layer is not None
             and step.max_rows == 1
             and x.shape[0] == step.block_tables.shape[0] <= 8
+            and self.args.head_dim <= MAX_HEAD_DIM
             and x.dtype == k_cache.dtype == torch.float32
             and x.device.type == "cpu"
             and self.tp.size == 1

@@ -42,10 +42,10 @@ def calls(monkeypatch):
     return seen
 
 
-def _model() -> Llama:
-    sd = random_meta_state_dict(96, 2, 6, 2, 83, 160, seed=0)
+def _model(args: ModelArgs = ARGS) -> Llama:
+    sd = random_meta_state_dict(args.dim, args.n_layers, args.n_heads, args.n_kv_heads, 83, args.hidden_dim, seed=0)
     with torch.device("meta"):
-        m = Llama(ARGS, backend="cpu")
+        m = Llama(args, backend="cpu")
     m.load_weights(sd)
     m.setup_rope("cpu")
     return m.eval()
@@ -128,6 +128,25 @@ def test_native_decode_equals_the_per_op_path(lens, slots, calls):
     if slots and len(set(slots)) > 1:  # negative control: the rows' adapters swapped
         swapped = _decode(model, lens, slots[1:] + slots[:1])
         assert_far(swapped[-1], want[-1], MODEL_PATH)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("lens", [[9], [7, 18, 5]], ids=["1-row", "3-rows"])
+def test_head_dim_64_unrolled_attention_equals_the_per_op_path(lens, calls):
+    """head_dim 64 takes the C code's unrolled attention (a constant head size): equal to the per-op path, with
+    GQA (2 query heads per KV head) and contexts crossing block boundaries; head_dim above 256 stays per-op."""
+    args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=83, hidden_dim=160, max_seq_len=96)
+    model = _model(args)
+    with per_op(model):
+        want = _decode(model, lens, [1] * len(lens))
+    got = _decode(model, lens, [1] * len(lens))
+    assert len(calls) == 4 * args.n_layers
+    for g, w in zip(got, want):
+        assert_close(g, w, MODEL_PATH)
+    calls.clear()
+    wide = ModelArgs(dim=288, n_layers=1, n_heads=1, n_kv_heads=1, vocab_size=83, hidden_dim=64, max_seq_len=96)
+    _decode(_model(wide), [5], None, steps=1)
+    assert not calls  # head_dim 288 > MAX_HEAD_DIM: the per-op path
 
 
 @torch.inference_mode()
