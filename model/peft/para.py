@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import reference
 from model.args import ModelArgs
 from model.peft.base import Adapter, AdapterError
 
@@ -103,8 +104,7 @@ class PARAAdapter(Adapter):
         if pooled is None:
             raise ValueError("PARA vectors need the pooled prompt hidden states")
         if self.config.pool_norm:  # parameter-free RMS normalisation, in fp32 like the model's RMSNorm
-            x = pooled.float()
-            pooled = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.args.norm_eps)).to(pooled.dtype)
+            pooled = reference.rms_norm(pooled, None, self.args.norm_eps)
         l = self.layers[i]["para"](pooled)  # (B, n_out)
         return dict(zip(self.sizes, l.split(list(self.sizes.values()), dim=-1)))
 
