@@ -10,7 +10,8 @@ import pytest
 
 from model import Llama
 from tests.helpers import random_meta_state_dict, train_sentencepiece, write_meta_dir
-from train.suite import SuiteConfig, cell_stats, format_table, main, paired, para_wins, parameter_budgets
+from train.config import DEFAULT_LR, SHORT_ANSWER_LR
+from train.suite import SuiteConfig, cell_stats, format_table, main, paired, para_wins, parameter_budgets, run_lr
 
 # the finetune tests' tiny shape, with room for the tasks' prompts under a 400-piece tokenizer
 PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32, "max_seq_len": 512}
@@ -121,7 +122,8 @@ def test_end_to_end_and_resume(tiny_dir, tmp_path, capsys):
     runs = {r["method"]: r for r in summary["runs"]}
     for method in ("para", "ia3"):
         result = out / "runs" / "boolq" / method / "seed0" / "result.json"
-        assert json.loads(result.read_text())["steps"] == 2
+        done = json.loads(result.read_text())
+        assert done["steps"] == 2 and done["lr"] == SHORT_ANSWER_LR[method]  # boolq: a one-word answer
         assert runs[method]["skipped"] is False and 0.0 <= runs[method]["test_score"] <= 1.0
         assert summary["cells"][method]["boolq"]["n"] == 1
     assert 0.0 <= summary["zero_shot"]["boolq"] <= 1.0
@@ -151,6 +153,14 @@ def test_end_to_end_and_resume(tiny_dir, tmp_path, capsys):
     # other result-shaping settings on the same OUT are refused before anything runs
     assert main([*argv, "--lr", "0.01"]) == 2
     assert "other settings (finetune:" in capsys.readouterr().err
+
+
+def test_run_lr_per_task_kind():
+    """--lr wins; otherwise BoolQ (one-word answers) gets SHORT_ANSWER_LR and the generation tasks DEFAULT_LR."""
+    config = SuiteConfig("unused")
+    assert run_lr(config, "boolq", "lora") == SHORT_ANSWER_LR["lora"] != DEFAULT_LR["lora"]
+    assert run_lr(config, "hsm", "lora") == DEFAULT_LR["lora"] and run_lr(config, "copa", "para") == DEFAULT_LR["para"]
+    assert run_lr(SuiteConfig("unused", finetune={"lr": 5e-4}), "boolq", "para") == 5e-4
 
 
 def test_bad_arguments(tmp_path, capsys):

@@ -13,7 +13,8 @@ import pytest
 
 from train.tasks import TASKS, read_split
 from train.tasks.base import accuracy, numbers_in
-from train.tasks.copa import PAIRS
+from train.tasks.boolq import BoolQ
+from train.tasks.copa import PAIRS, choice_accuracy
 from train.tasks.hsm import numeric_accuracy
 from train.tasks.q2sql import DB_NAME, execution_accuracy, run_query
 from train.tasks.squad import f1_em, normalize_answer, token_f1
@@ -193,13 +194,35 @@ def test_copa_right_choice_is_the_paired_cause_or_effect(generated):
     pairs = {(_canon(c), _canon(e)) for c, e in PAIRS}
     for r in recs:
         premise = _canon(re.search(r"Premise: (.*)\n", r["prompt"]).group(1))
-        right, wrong = r["choices"][int(r["answer"]) - 1], r["choices"][2 - int(r["answer"])]
+        assert r["answer"] in r["choices"] and r["response"] == r["answer"] + "."
+        right, wrong = r["answer"], next(c for c in r["choices"] if c != r["answer"])
         assert f"1: {r['choices'][0]}.\n2: {r['choices'][1]}." in r["prompt"]
+        assert choice_accuracy(r["response"], r) == 1.0 and choice_accuracy(wrong, r) == 0.0
         if "cause?" in r["prompt"]:
             assert (_canon(right), premise) in pairs and (_canon(wrong), premise) not in pairs
         else:
             assert (premise, _canon(right)) in pairs and (premise, _canon(wrong)) not in pairs
-    assert {r["answer"] for r in recs} == {"1", "2"}
+    assert 0.3 < sum(r["answer"] == r["choices"][0] for r in recs) / len(recs) < 0.7  # the right one is first or second
+
+
+def test_choice_accuracy_names_one_alternative():
+    rec = {"answer": "The glass broke", "choices": ["Ann felt sick", "The glass broke"]}
+    assert choice_accuracy("The glass broke.", rec) == 1.0
+    assert choice_accuracy("the glass  broke!", rec) == 1.0  # case, punctuation and spacing do not count
+    assert choice_accuracy("2: The glass broke.", rec) == 1.0 and choice_accuracy("2", rec) == 1.0  # the number
+    assert choice_accuracy("Ann felt sick.", rec) == 0.0 and choice_accuracy("1", rec) == 0.0
+    assert choice_accuracy("Ann felt sick, then the glass broke.", rec) == 0.0  # both named: no pick
+    assert choice_accuracy("The glass", rec) == 0.0 and choice_accuracy("3", rec) == 0.0
+    assert choice_accuracy("", rec) == 0.0
+
+
+def test_boolq_people_sets_the_passage_size(tmp_path):
+    two = read_split(BoolQ(people=2).generate(tmp_path / "two", seed=0, **SMALL)["train"])
+    assert all(r["prompt"].split("\nQuestion: ")[0].count(". ") == 1 for r in two)  # two sentences
+    one = read_split(BoolQ().generate(tmp_path / "one", seed=0, **SMALL)["train"])
+    assert all(r["prompt"].split("\nQuestion: ")[0].count(". ") == 0 for r in one)  # one by default
+    with pytest.raises(ValueError, match="people must be 1..4"):
+        BoolQ(people=5)
 
 
 def test_squad_answers_are_spans_of_the_passage(generated):

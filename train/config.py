@@ -12,6 +12,9 @@ DEFAULT_RANK = {"para": 12, "lora": 8}
 # each method's default learning rate: bench/lr_sweep.py's pick over lr ∈ {1e-4 .. 1e-2} on two tasks
 # (bench/results/lr_sweep_cpu/README.md states the rule and the table)
 DEFAULT_LR = {"para": 3e-3, "lora": 1e-2, "ia3": 1e-2}
+# answers of a word or two (yes/no, a choice): at DEFAULT_LR the model collapses onto the label prior; the suite
+# trains those tasks at these (bench/results/suite_cpu/README.md has the pilots)
+SHORT_ANSWER_LR = {"para": 1e-3, "lora": 1e-3, "ia3": 1e-3}
 
 
 class TrainError(ValueError):
@@ -126,6 +129,7 @@ class FinetuneResult:
     diverged: bool = False  # stopped by divergence (see diverge_reason)
     diverge_reason: str | None = None  # e.g. "dev loss 17.4 > initial 6.46 for 2 evaluations"
     improved: bool = False  # some step beat the step-0 dev loss (best_step > 0)
+    lr: float | None = None  # the peak learning rate the run trained at
 
 
 def adapter_config(config: FinetuneConfig) -> Any:

@@ -300,6 +300,7 @@ class _Run:
             diverged=st.diverged is not None,
             diverge_reason=st.diverged,
             improved=st.best_step > 0,
+            lr=c.lr,
         )
         if st.diverged:
             self.say(

@@ -12,8 +12,10 @@ settings that shape results; a later invocation with other ones is refused (task
 
 Budgets: PARA at `--para-r` (12); LoRA (on `--lora-targets`, default q_proj,v_proj) gets the rank whose count is
 closest to PARA's (`--lora-r` overrides); (IA)³ has no rank and is far smaller. The counts are printed.
-Zero-shot: the base model, beam search (width `--beams`), no adapter, up to the longest test response + 8
-tokens (room for a preamble), the first non-empty line of the output scored by the task's metric.
+Learning rates: --lr for every run when given; otherwise each method's DEFAULT_LR (train/config.py, from the lr
+sweep), and SHORT_ANSWER_LR on tasks whose answers are a word or two (BoolQ).
+Zero-shot: the base model, beam search (width `--beams`), no adapter, up to the longest test response + 8 tokens
+(room for a preamble), the first non-empty line of the output scored by the task's metric.
 Prompts go through the model's chat template when its tokenizer has one (`--chat` / `--no-chat` force it), for the
 fine-tuned runs and the zero-shot row alike. Each cell is the mean ± std over seeds of the test score, in percent;
 with PARA and LoRA both run, a last row gives their per-seed difference (same seed, same data) and on how many
@@ -37,7 +39,7 @@ from typing import Any
 import torch
 
 from infer.cli import ArgumentParser
-from train.config import DEFAULT_RANK, METHODS, FinetuneConfig, FinetuneResult
+from train.config import DEFAULT_LR, DEFAULT_RANK, METHODS, SHORT_ANSWER_LR, FinetuneConfig, FinetuneResult
 from train.data import load_dataset
 from train.finetune import finetune
 from train.suite_report import LABELS, cell_stats, format_table, paired, para_wins, plot
@@ -148,6 +150,8 @@ def check_settings(config: SuiteConfig) -> None:
         "para_r": config.para_r,
         "lora_r": config.lora_r,
         "finetune": finetune_args,
+        "default_lr": DEFAULT_LR,
+        "short_answer_lr": SHORT_ANSWER_LR,
     }
     settings = json.loads(json.dumps(settings))  # tuples as lists, as read back
     if not path.exists():
@@ -193,6 +197,13 @@ def run_dir(config: SuiteConfig, task: str, method: str, seed: int) -> Path:
     return Path(config.out) / "runs" / task / method / f"seed{seed}"
 
 
+def run_lr(config: SuiteConfig, task: str, method: str) -> float:
+    """The run's learning rate: --lr when given, else SHORT_ANSWER_LR for a short-answer task, else DEFAULT_LR."""
+    if "lr" in config.finetune:
+        return float(config.finetune["lr"])
+    return (SHORT_ANSWER_LR if TASKS[task].short_answer else DEFAULT_LR)[method]
+
+
 def train_one(
     model: Any, config: SuiteConfig, task: str, method: str, seed: int, paths: dict[str, Path], rank: int | None
 ) -> dict[str, Any]:
@@ -219,7 +230,8 @@ def train_one(
         beams=config.beams,
         resume=(out / "last").exists(),
         progress=config.progress,
-        **{k: v for k, v in config.finetune.items() if method == "para" or k not in PARA_ONLY},
+        lr=run_lr(config, task, method),
+        **{k: v for k, v in config.finetune.items() if k != "lr" and (method == "para" or k not in PARA_ONLY)},
     )
     t0 = time.perf_counter()
     result: FinetuneResult = finetune(fc, model=model, metric=TASKS[task].metric)

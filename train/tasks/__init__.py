@@ -7,7 +7,7 @@
 | name  | like    | metric |
 |-------|---------|--------|
 | boolq | BoolQ   | accuracy (the first yes/no word) |
-| copa  | COPA    | accuracy (the first 1/2 word) |
+| copa  | COPA    | accuracy: the alternative the answer names (its text, or its number) |
 | squad | SQuAD   | mean of token F1 and exact match, SQuAD normalisation |
 | q2sql | Q2SQL   | execution accuracy on the task's generated sqlite database |
 | hsm   | HSM10K  | the last number of the prediction equals the gold |
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from train.tasks.base import Task, accuracy, read_split
 from train.tasks.boolq import BoolQ
-from train.tasks.copa import Copa
+from train.tasks.copa import Copa, choice_accuracy
 from train.tasks.formats import Formats
 from train.tasks.hsm import HSM, numeric_accuracy
 from train.tasks.q2sql import Q2SQL, execution_accuracy
@@ -39,5 +39,15 @@ def task(name: str) -> Task:
     return found
 
 
-__all__ = ["EXTRA_TASKS", "TASKS", "Task", "accuracy", "execution_accuracy", "f1_em", "numeric_accuracy", "read_split"]
+__all__ = [
+    "EXTRA_TASKS",
+    "TASKS",
+    "Task",
+    "accuracy",
+    "choice_accuracy",
+    "execution_accuracy",
+    "f1_em",
+    "numeric_accuracy",
+    "read_split",
+]
 __all__ += ["task"]

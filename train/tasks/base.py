@@ -28,9 +28,14 @@ SPLITS = ("train", "dev", "test")
 _PUNCT = str.maketrans("", "", string.punctuation)
 
 
+def normalize(text: str) -> str:
+    """`text` lowercased, without punctuation, runs of whitespace as one space."""
+    return " ".join(text.lower().translate(_PUNCT).split())
+
+
 def first_word(text: str) -> str:
     """The first word of `text`, lowercased and without punctuation ('' when there is none)."""
-    words = text.lower().translate(_PUNCT).split()
+    words = normalize(text).split()
     return words[0] if words else ""
 
 
@@ -57,6 +62,7 @@ class Task(ABC):
     name: str = ""
     description: str = ""
     metric: Metric = staticmethod(accuracy)  # type: ignore[assignment]
+    short_answer: bool = False  # answers of a word or two: the suite trains these at SHORT_ANSWER_LR
 
     @abstractmethod
     def sampler(self, rng: random.Random, out_dir: Path) -> Sampler:

@@ -1,8 +1,11 @@
-"""BoolQ-like: a yes/no question about a three-person passage (accuracy).
+"""BoolQ-like: a yes/no question about a short passage on `people` people (accuracy).
 
-Each person gets a city, a job and a pet or instrument; the question asks about one person and one fact.
-Half the answers are "no", and most of those name a value another person in the passage has, so the
-model must bind facts to the right person rather than spot a word.
+Each person gets three of a city, a job, a pet and an instrument; the question asks about one person and one
+fact. Half the answers are "no"; with two or more people most of those name a value another person in the
+passage has, so the model must bind facts to the right person rather than spot a word. One person (the
+default): with two or three, no method learned the task in 64 steps of batch 8 at lr 1e-3 or 1e-2 (the dev
+loss stayed at the yes/no prior), with one both PARA and LoRA reach 40/40 at lr 1e-3
+(bench/results/suite_cpu/README.md).
 """
 
 from __future__ import annotations
@@ -32,10 +35,16 @@ class BoolQ(Task):
     name = "boolq"
     description = "yes/no question about a short passage (accuracy)"
     metric = staticmethod(accuracy)
+    short_answer = True
+
+    def __init__(self, people: int = 1) -> None:
+        if not 1 <= people <= 4:
+            raise ValueError(f"boolq: people must be 1..4, got {people}")
+        self.people = people
 
     def sampler(self, rng: random.Random, out_dir: Path) -> Sampler:
         def sample(rng: random.Random) -> Record:
-            names = rng.sample(NAMES, 3)
+            names = rng.sample(NAMES, self.people)
             kinds = rng.sample(FACTS, 3)  # the passage mentions three of the four attributes
             people = {n: {attr: rng.choice(values) for attr, values, _, _ in kinds} for n in names}
             passage = " ".join(_person_sentence(n, people[n], rng) for n in names)
