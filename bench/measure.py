@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from kernels import native
 from model import Llama
 
 
@@ -111,8 +112,9 @@ def bandwidth_buffer_bytes(weight_bytes: int, l3: int | None) -> int:
 def measure_bandwidth(device: torch.device | str, nbytes: int, reads: int = 5) -> list[float]:
     """Samples of the device's memory bandwidth in GB/s, one per pass over an nbytes buffer.
 
-    CPU: streaming read bandwidth; each sample is the better of a torch sum and a BLAS GEMV (numpy
-    `A @ v`, the call the cpu backend's decode GEMVs make) over the buffer: bytes read / time.
+    CPU: streaming read bandwidth; each sample is the best of a torch sum, a BLAS GEMV (numpy `A @ v`) and,
+    when it built, the compiled decode layer's own GEMV (kernels/native.py, what the cpu backend's decode
+    streams its weights with) over the buffer: bytes read / time.
     CUDA: a device-to-device `copy_`, counted as bytes read + bytes written / time (what HBM moves,
     the figure a copy benchmark reports).
     """
@@ -135,10 +137,15 @@ def measure_bandwidth(device: torch.device | str, nbytes: int, reads: int = 5) -
     a, v = buf.numpy(), torch.ones(1024).numpy()
     buf.sum()
     _ = a @ v  # warm-up: pages are touched by ones(), this warms the code paths
+    readers: list[Callable[[], Any]] = [buf.sum, lambda: a @ v]
+    if native.available():
+        x = torch.ones(1, 1024)
+        readers.append(lambda: native.linear(x, buf))
+        readers[-1]()
     out = []
     for _ in range(reads):
         best = math.inf
-        for f in (buf.sum, lambda: a @ v):
+        for f in readers:
             t = time.perf_counter()
             f()
             best = min(best, time.perf_counter() - t)

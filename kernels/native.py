@@ -3,8 +3,10 @@
 A decode step through the per-op path is ~10 torch calls per layer plus Python around each; on a CPU the
 projections stream their weights at the memory roof and the rest is call overhead. `decode_layer` runs a
 whole layer for up to 8 decode rows (fp32, one process, unmerged LoRA rows included) in one C call: its
-GEMVs are numpy's OpenBLAS `cblas_sgemv` (threaded; found in numpy's bundled library and handed to the C
-code), the small steps between them run in C on the calling thread. Its twin is the per-op path
+GEMVs are split by output rows over the library's own spinning thread pool (`torch.get_num_threads()` threads
+when loaded; `set_threads` changes it), the small steps between them run in C on the calling thread. With
+PARALLAMA_GEMV=blas (or `use_blas(True)`) the GEMVs are numpy's OpenBLAS `cblas_sgemv` instead (found in
+numpy's bundled library and handed to the C code), kept to compare the two. Its twin is the per-op path
 (`TransformerBlock.forward`); tests compare them.
 
 The library is compiled once per source, compiler and CPU with the system C compiler (`cc`, -O3
@@ -28,8 +30,9 @@ from typing import Any
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "decode_layer.c"
+HEADERS = (SOURCE.with_name("pool.h"),)  # included by SOURCE: part of the build's cache key
 MAX_ROWS = 8  # MAX_ROWS in the C source
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-pthread", "-shared", "-fPIC", "-std=c11"]
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -76,7 +79,7 @@ def _build() -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc / gcc / $CC) on PATH")
-    src = SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in (SOURCE, *HEADERS))
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256(src + " ".join([cc, *FLAGS, version, _cpu_id()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("PARALLAMA_CACHE") or Path.home() / ".cache" / "parallama")
@@ -110,12 +113,18 @@ def library() -> Any:
     except (OSError, RuntimeError) as e:
         warnings.warn(f"parallama: the compiled decode layer is unavailable ({e}); using the per-op path", stacklevel=2)
         return None
-    sgemv = _numpy_sgemv()
-    if sgemv is None:
-        warnings.warn("parallama: numpy's BLAS has no cblas_sgemv symbol here; using the per-op path", stacklevel=2)
-        return None
     lib.pl_set_sgemv.argtypes = [_ptr]
-    lib.pl_set_sgemv(sgemv)
+    lib.pl_set_sgemv(_numpy_sgemv())  # None: no BLAS to compare with; the pool does every GEMV
+    lib.pl_use_blas.argtypes = [ctypes.c_int]
+    lib.pl_use_blas.restype = ctypes.c_int
+    lib.pl_set_threads.argtypes = [ctypes.c_int, _i64]
+    lib.pl_set_threads.restype = ctypes.c_int
+    lib.pl_set_threads(torch.get_num_threads(), -1)
+    gemv = os.environ.get("PARALLAMA_GEMV", "pool")
+    if gemv not in ("pool", "blas"):
+        warnings.warn(f"parallama: PARALLAMA_GEMV={gemv!r} is not 'pool' or 'blas'; using the pool", stacklevel=2)
+    elif gemv == "blas" and not lib.pl_use_blas(1):
+        warnings.warn("parallama: PARALLAMA_GEMV=blas , numpy's BLAS lacks cblas_sgemv: the pool it is", stacklevel=2)
     lib.pl_decode_layer.argtypes = [ctypes.POINTER(_Layer)]
     lib.pl_decode_layer.restype = ctypes.c_int
     lib.pl_linear.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64]
@@ -142,6 +151,16 @@ def _numpy_sgemv() -> int | None:
 
 def available() -> bool:
     return library() is not None
+
+
+def set_threads(n: int) -> int:
+    """Threads of the decode layer's GEMVs (the caller included); the number in effect."""
+    return int(library().pl_set_threads(n, -1))
+
+
+def use_blas(on: bool) -> bool:
+    """GEMVs through numpy's cblas_sgemv (True) or the pool (False); whether the BLAS is in use."""
+    return bool(library().pl_use_blas(int(on)))
 
 
 def _p(t: torch.Tensor | None) -> int | None:
@@ -210,7 +229,7 @@ def decode_layer(
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ wᵀ for x (M ≤ 8, K), w (N, K), contiguous fp32: a decode step's output projection on the layers'
-    threads (BLAS here would wake its own thread pool, which then spins against them)."""
+    threads (another library's pool here would spin against them)."""
     M, K = x.shape
     y = torch.empty(M, w.shape[0], dtype=torch.float32)
     if library().pl_linear(_p(x), _p(w), _p(y), M, w.shape[0], K) != 0:

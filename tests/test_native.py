@@ -3,6 +3,8 @@ exactly where it applies."""
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -15,7 +17,7 @@ from model import Llama, ModelArgs
 from model.peft import IA3Config, LoRAConfig, PARAConfig, create_adapter
 from model.step import AdapterStep, scale_columns
 from tests.helpers import random_meta_state_dict
-from tests.tolerance import MODEL_PATH, assert_close, assert_far
+from tests.tolerance import MODEL_PATH, PATH, assert_close, assert_far
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="the compiled decode layer did not build here")
 ARGS = ModelArgs(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=83, hidden_dim=160, max_seq_len=96)
@@ -228,3 +230,57 @@ def test_a_strided_weight_is_refused_not_misread():
         native.decode_layer(x, None, weights, *args)
     out, _ = native.decode_layer(x, None, (*weights[:2], wo, *weights[3:]), *args)
     assert out.isfinite().all()
+
+
+@pytest.fixture
+def gemv_mode():
+    """Leaves the library's GEMV choice and thread count as the test found them."""
+    blas = native.use_blas(False)
+    native.use_blas(blas)
+    threads = torch.get_num_threads()
+    yield
+    native.use_blas(blas)
+    native.set_threads(threads)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("blas", [False, True], ids=["pool", "blas"])
+def test_gemv_equals_matmul_on_ragged_shapes(blas, gemv_mode):
+    """native.linear (the GEMV every projection goes through) equals x @ wᵀ for 1-8 rows on shapes that leave
+    tails everywhere: K not a multiple of the 32-float step, N not a multiple of a thread's 8-row share, GEMVs
+    too small to share and large ones split over 1, 2 and 3 threads; a weight with two rows swapped fails."""
+    if blas and not native.use_blas(True):
+        pytest.skip("numpy's BLAS has no cblas_sgemv here")
+    g = torch.Generator().manual_seed(0)
+    for threads in (1, 2, 3):
+        assert native.set_threads(threads) == threads
+        for n, k in ((1, 7), (5, 33), (37, 64), (1029, 65), (2050, 576), (96, 1000)):
+            w = torch.randn(n, k, generator=g)
+            for rows in (1, 3, 8):
+                x = torch.randn(rows, k, generator=g)
+                assert_close(native.linear(x, w), x @ w.T, PATH, f"{threads} threads, ({n}, {k}), {rows} rows")
+    swapped = w[[1, 0, *range(2, w.shape[0])]]
+    assert_far(native.linear(x, swapped), x @ w.T, PATH)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_gemv_pool_in_a_forked_child(gemv_mode):
+    """The pool's workers do not survive fork: a child (e.g. a DataLoader worker) computes GEMVs alone instead
+    of waiting for them forever."""
+    native.use_blas(False)
+    native.set_threads(2)
+    w, x = torch.randn(2050, 576), torch.randn(2, 576)
+    want = x @ w.T
+    native.linear(x, w)  # the workers are up
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only when the GEMV finished and is right
+        ok = float((native.linear(x, w) - want).abs().max() / want.abs().max()) <= PATH.bound
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's GEMV hung")
+    assert os.waitstatus_to_exitcode(done[1]) == 0

@@ -2,16 +2,24 @@
 
    The twin is the per-op path of model/llama.py `TransformerBlock.forward` (kernels/reference.py). Row m is
    sequence m's newest token; its K/V go to cache slot slots[m] and it attends to positions < seq_lens[m]
-   through block_tables[m]. The projections are GEMVs of the BLAS numpy uses (its cblas_sgemv, handed over
-   by kernels/native.py with pl_set_sgemv): its threads stream the weights at the memory roof, and the
-   process keeps one thread pool (a second one, e.g. OpenMP's, spins against it on a 2-core machine). The
-   small steps between them (norms, RoPE, the KV write, attention, SwiGLU, unmerged LoRA updates) run here
-   on the calling thread.
+   through block_tables[m]. The projections are GEMVs split by output rows over a small spinning thread pool
+   (pool.h): each thread streams its weight rows one at a time, four 8-wide accumulators per row (AVX2/FMA;
+   a portable loop elsewhere), each row read once for all the step's rows. numpy's OpenBLAS cblas_sgemv
+   (handed over by kernels/native.py with pl_set_sgemv) is the other GEMV, chosen with pl_use_blas; the pool's
+   pass over SmolLM2's weights was faster in alternating runs (bench/results/decode_cpu.md). The small steps
+   between the GEMVs (norms, RoPE, the KV write, attention, SwiGLU, unmerged LoRA updates) run on the calling
+   thread.
    Built and loaded by kernels/native.py. */
 
+#define _POSIX_C_SOURCE 200809L /* clock_gettime, pthreads under -std=c11 */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#include "pool.h"
 
 #define MAX_ROWS 8
 #define MAX_HEAD_DIM 256
@@ -63,15 +71,66 @@ static float dot(const float *a, const float *b, int64_t n) {
 typedef void (*sgemv_fn)(int order, int trans, int64_t m, int64_t n, float alpha, const float *a, int64_t lda,
                          const float *x, int64_t incx, float beta, float *y, int64_t incy);
 static sgemv_fn sgemv = NULL;
+static int use_blas = 0;
 
 void pl_set_sgemv(void *fn) { sgemv = (sgemv_fn)fn; }
 
+/* 1: the projections go through the BLAS (kept to compare the two); 0: the pool. Returns the choice in effect. */
+int pl_use_blas(int on) {
+    use_blas = on && sgemv != NULL;
+    return use_blas;
+}
+
+/* w · x for one weight row: four independent accumulators keep the FMA pipes busy while the row streams in. */
+static inline float row_dot(const float *w, const float *x, int64_t k) {
+    int64_t j = 0;
+    float acc = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; j + 32 <= k; j += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 16), _mm256_loadu_ps(x + j + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 24), _mm256_loadu_ps(x + j + 24), a3);
+    }
+    __m256 v = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    acc = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+#endif
+    return acc + dot(w + j, x + j, k - j);
+}
+
+typedef struct {
+    const float *w, *x;
+    float *y;
+    int64_t n_out, k, xstride, rows;
+} Gemv;
+
+/* thread id's share of the output rows, in whole cache lines of y (8 floats): contiguous weight rows */
+static void gemv_job(const void *arg, int id, int n) {
+    const Gemv *t = arg;
+    int64_t per = ((t->n_out + n - 1) / n + 7) & ~(int64_t)7;
+    int64_t i0 = id * per, i1 = i0 + per < t->n_out ? i0 + per : t->n_out;
+    for (int64_t i = i0; i < i1; i++) {
+        const float *w = t->w + i * t->k;
+        for (int64_t m = 0; m < t->rows; m++) t->y[m * t->n_out + i] = row_dot(w, t->x + m * t->xstride, t->k);
+    }
+}
+
 #define CHUNK_BYTES (4 << 20)
 
-/* y[m] = w @ x[m] for M rows (x rows xstride apart, y rows n_out apart): one GEMV per row, over weight
-   chunks small enough to stay in cache, so a chunk comes from memory once for all the rows. */
+/* y[m] = w @ x[m] for M rows (x rows xstride apart, y rows n_out apart). */
 static void linear(const float *w, int64_t n_out, int64_t k, const float *x, int64_t xstride, float *y,
                    int64_t rows) {
+    if (!use_blas) {
+        Gemv t = {w, x, y, n_out, k, xstride, rows};
+        if (n_out * k < 16384) gemv_job(&t, 0, 1); /* too small to share */
+        else pool_run(gemv_job, &t);
+        return;
+    }
+    /* BLAS: one GEMV per row, over weight chunks small enough to stay in cache, so a chunk comes from memory
+       once for all the rows */
     int64_t step = rows == 1 ? n_out : CHUNK_BYTES / (k * (int64_t)sizeof(float));
     if (step < 1) step = 1;
     for (int64_t c = 0; c < n_out; c += step) {
@@ -158,8 +217,6 @@ int pl_decode_layer(const Layer *L) {
     float *g13 = o + M * d;               /* (M, 2f), then gate := silu(gate) * up * scale */
     const int64_t work_fixed = M * (d + qkv_dim + q_dim + d + 2 * f);
 
-    if (sgemv == NULL) return 2;
-
     for (int64_t m = 0; m < M; m++) {  /* stream = x + residual; normed = rms_norm(stream) */
         float *h = L->stream + m * d;
         for (int64_t i = 0; i < d; i++) h[i] = L->x[m * d + i] + (L->residual ? L->residual[m * d + i] : 0.0f);
@@ -228,7 +285,7 @@ int pl_decode_layer(const Layer *L) {
 
 /* y (M, N) = x (M, K) @ wᵀ for a few rows (the output projection of a decode step). */
 int pl_linear(const float *x, const float *w, float *y, int64_t rows, int64_t n_out, int64_t k) {
-    if (rows < 1 || rows > MAX_ROWS || sgemv == NULL) return 1;
+    if (rows < 1 || rows > MAX_ROWS) return 1;
     linear(w, n_out, k, x, k, y, rows);
     return 0;
 }
