@@ -35,9 +35,12 @@ static int64_t now_ns(void) {
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
+static atomic_int ready; /* workers that have read gen at their start: pl_set_threads waits for them */
+
 static void *worker(void *arg) {
     const int id = (int)(intptr_t)arg;
-    int seen = atomic_load(&gen);
+    int seen = atomic_load(&gen); /* no job starts before pl_set_threads returns, which waits for this */
+    atomic_fetch_add(&ready, 1);
     for (;;) {
         int g = atomic_load_explicit(&gen, memory_order_acquire);
         if (g == seen) {
@@ -69,6 +72,7 @@ static void after_fork_child(void) {
     pthread_mutex_init(&busy, NULL);
     pthread_cond_init(&cv, NULL);
     atomic_store(&sleeping, 0);
+    atomic_store(&ready, 0);
 }
 
 /* The pool's size (the caller included) and how long idle workers spin (ns; < 0 keeps it); starts the workers
@@ -85,6 +89,7 @@ int pl_set_threads(int n, int64_t spin) {
         if (pthread_create(&th, NULL, worker, (void *)(intptr_t)(started + 1)) != 0) break;
         pthread_detach(th);
     }
+    while (atomic_load(&ready) < started) cpu_relax(); /* a late starter would miss the next job's gen */
     active = n < started + 1 ? n : started + 1;
     pthread_mutex_unlock(&busy);
     return active;
