@@ -20,7 +20,8 @@ import torch
 
 from kernels.ops import TorchOps
 
-OPS = [n for n in vars(TorchOps) if not n.startswith("_") and n not in ("backend", "scope")]
+# decode_stack builds the compiled layers' structs (once per model and KV pool): not a step's op
+OPS = [n for n in vars(TorchOps) if not n.startswith("_") and n not in ("backend", "scope", "decode_stack")]
 
 
 def decode_profile(engine: Any, prompt: list[int], params: Any, adapter: str | None = None) -> dict[str, Any]:
@@ -90,7 +91,7 @@ def format_profile(p: dict[str, Any]) -> str:
 
 
 # the ops that stream the weights (decode_layer: a whole compiled layer, its GEMVs and the small ops between)
-GEMV_OPS = ("linear_scale", "gated_up", "lm_head", "decode_layer", "decode_linear")
+GEMV_OPS = ("linear_scale", "gated_up", "lm_head", "decode_layer", "decode_layers", "decode_linear")
 
 
 def remaining(profile: dict[str, Any], weight_bytes: int, peer_decode_tps: float | None, peer: str) -> list[str]:
@@ -103,7 +104,11 @@ def remaining(profile: dict[str, Any], weight_bytes: int, peer_decode_tps: float
         f"{weight_bytes / gemv / 1e6:.1f} GB/s, everything else {step - gemv:.1f} ms ("
         + (f"attention {profile['ops_ms']['paged_attention']:.1f}, " if "paged_attention" in profile["ops_ms"] else "")
         + f"outside ops {profile['outside_ops_ms']:.1f})"
-        + (" (decode_layer: each layer's GEMVs with its small ops)" if "decode_layer" in profile["ops_ms"] else "")
+        + (
+            " (decode_layer(s): each layer's GEMVs with its small ops)"
+            if {"decode_layer", "decode_layers"} & set(profile["ops_ms"])
+            else ""
+        )
     ]
     if peer_decode_tps:
         peer_ms = 1e3 / peer_decode_tps

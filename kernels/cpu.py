@@ -281,6 +281,11 @@ def decode_layer(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]
     return native.decode_layer(*args, **kwargs)
 
 
+def decode_layers(stack: native.DecodeStack, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every layer of a decode step in one compiled call: `stack(*args)` (`native.DecodeStack.__call__`)."""
+    return stack(*args)
+
+
 def decode_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """A decode step's output projection x @ wᵀ through the same BLAS as the compiled layers: `native.linear`."""
     return native.linear(x, w)

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,8 @@ def library() -> Any:
     lib.pl_decode_layer.restype = ctypes.c_int
     lib.pl_linear.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64]
     lib.pl_linear.restype = ctypes.c_int
+    lib.pl_decode_layers.argtypes = [ctypes.POINTER(_Layer), _i64]
+    lib.pl_decode_layers.restype = ctypes.c_int
     lib.pl_decode_layer_work.argtypes = [_i64] * 6
     lib.pl_decode_layer_work.restype = _i64
     _lib = lib
@@ -225,6 +228,98 @@ def decode_layer(
     if lib.pl_decode_layer(ctypes.byref(layer)) != 0:
         raise ValueError(f"decode_layer: unsupported shape (rows {M}, heads {H}/{H_kv}, head_dim {hd})")
     return out, stream
+
+
+def _signature(t: torch.Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    return t.data_ptr(), tuple(t.shape), t.stride()
+
+
+class DecodeStack:
+    """Every layer of a decode step in one C call (`pl_decode_layers`): the layers' weights, norms and KV caches
+    go into an array of layer structs once, at construction; a step fills in its rows, positions, block
+    tables and the adapters' per-layer scales. What a Python loop over `decode_layer` costs per layer (struct
+    building, checks, two allocations) is then paid once per model and cache. No LoRA rows (those take the
+    per-layer call); the twin is the same per-op path.
+
+    weights: per layer (attention_norm, wqkv, wo, ffn_norm, w13, w2), contiguous fp32; shape: (n_heads,
+    n_kv_heads, head_dim); k_cache, v_cache: (n_layers, N, bs, H_kv, hd) contiguous.
+    """
+
+    def __init__(
+        self,
+        weights: Sequence[tuple[torch.Tensor, ...]],
+        eps: float,
+        shape: tuple[int, int, int],
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> None:
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if not t.is_contiguous():
+                raise ValueError(f"DecodeStack: {name} must be contiguous (strides {t.stride()})")
+        for i, ws in enumerate(weights):
+            for name, t in zip(_LAYOUT, ws):
+                if not t.is_contiguous():
+                    raise ValueError(f"DecodeStack: layer {i}'s {name} must be contiguous (strides {t.stride()})")
+        # what the structs point into, by address and layout only: holding the tensors would keep a dropped KV
+        # pool (or replaced weights) alive for as long as the model
+        self.signature = tuple(_signature(t) for t in (weights[0][1], weights[-1][5], k_cache, v_cache))
+        H, H_kv, hd = shape
+        self.shape, self.n = shape, len(weights)
+        self.dims = weights[0][1].shape[1], weights[0][1].shape[0], H * hd, weights[0][5].shape[1]  # d, qkv, q, f
+        self.block_size = k_cache.shape[2]
+        self.layers = (_Layer * self.n)()
+        for i, (attn_norm, wqkv, wo, ffn_norm, w13, w2) in enumerate(weights):
+            L = self.layers[i]
+            L.dim, L.n_heads, L.n_kv_heads, L.head_dim, L.ffn_dim = self.dims[0], H, H_kv, hd, self.dims[3]
+            L.block_size, L.eps = self.block_size, eps
+            L.attn_norm, L.wqkv, L.wo, L.ffn_norm, L.w13, L.w2 = map(_p, (attn_norm, wqkv, wo, ffn_norm, w13, w2))
+            L.k_cache, L.v_cache = _p(k_cache[i]), _p(v_cache[i])
+
+    def matches(self, wqkv: torch.Tensor, w2: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+        """Whether the structs still point at these: the first layer's wqkv, the last layer's w2 and the KV pools
+        (same memory and layout). A model or pool that moved needs a new stack."""
+        return self.signature == tuple(_signature(t) for t in (wqkv, w2, k_cache, v_cache))
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        cos_sin: torch.Tensor,
+        slots: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        scales: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the last layer's FFN output, the stream before it) for embeddings x (M, d); scales: {"qkv" | "u":
+        (n_layers, M | 1, width)} contiguous, or None. Arguments as `decode_layer`'s."""
+        lib = library()
+        M, d = x.shape
+        if not (x.is_contiguous() and block_tables.is_contiguous()):
+            raise ValueError("DecodeStack: x and block_tables must be contiguous")
+        out, stream = torch.empty_like(x), torch.empty_like(x)
+        context = block_tables.shape[1] * self.block_size
+        _, qkv, q, f = self.dims
+        work = torch.empty(lib.pl_decode_layer_work(M, d, qkv, q, f, context), dtype=torch.float32)
+        L0 = self.layers[0]
+        L0.rows, L0.max_blocks = M, block_tables.shape[1]
+        L0.x, L0.residual, L0.out, L0.stream = _p(x), None, _p(out), _p(stream)
+        L0.cos_sin, L0.slots, L0.block_tables, L0.seq_lens, L0.work = map(
+            _p, (cos_sin, slots, block_tables, seq_lens, work)
+        )
+        scales = scales or {}
+        for name, stride_name in (("qkv", "scale_qkv_stride"), ("u", "scale_u_stride")):
+            s = scales.get(name)
+            if s is not None and not s.is_contiguous():
+                raise ValueError(f"DecodeStack: the {name} scales must be contiguous")
+            base = 0 if s is None else s.data_ptr()
+            step = 0 if s is None else s.stride(0) * s.element_size()
+            row_stride = 0 if s is None or s.shape[1] == 1 else s.shape[2]
+            for i in range(self.n):
+                L = self.layers[i]
+                setattr(L, "scale_" + name, base + i * step if base else None)
+                setattr(L, stride_name, row_stride)
+        if lib.pl_decode_layers(self.layers, self.n) != 0:
+            raise ValueError(f"DecodeStack: unsupported shape (rows {M}, heads {self.shape})")
+        return out, stream
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

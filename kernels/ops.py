@@ -104,6 +104,10 @@ class Ops(Protocol):
     # (`native.linear`, twin `linear_scale` without a scale).
     decode_layer: Callable[..., tuple[Tensor, Tensor]] | None
     decode_linear: Callable[[Tensor, Tensor], Tensor] | None
+    # all layers of such a step in one call: `decode_stack` builds a `native.DecodeStack` once per model and KV
+    # pool, `decode_layers(stack, x, cos_sin, slots, block_tables, seq_lens, scales)` runs it (same twin)
+    decode_stack: Callable[..., Callable[..., tuple[Tensor, Tensor]]] | None
+    decode_layers: Callable[..., tuple[Tensor, Tensor]] | None
 
 
 def resolve_backend(backend: str = "auto", device: torch.device | str = "cpu") -> str:
@@ -157,6 +161,8 @@ class TorchOps:
     scope = staticmethod(nullcontext)
     decode_layer = None
     decode_linear = None
+    decode_stack = None
+    decode_layers = None
 
 
 class CpuOps(TorchOps):
@@ -179,6 +185,8 @@ class CpuOps(TorchOps):
         ok = native.available()
         self.decode_layer = cpu.decode_layer if ok else None
         self.decode_linear = cpu.decode_linear if ok else None
+        self.decode_stack = native.DecodeStack if ok else None
+        self.decode_layers = cpu.decode_layers if ok else None
 
 
 TORCH_OPS: Ops = TorchOps()

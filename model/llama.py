@@ -198,6 +198,11 @@ class TransformerBlock(nn.Module):
         s = scales or {}
         return self.feed_forward(normed, scale_u=s.get("u"), lora=lora, rows=s.get("rows")), h
 
+    def decode_weights(self) -> tuple[torch.Tensor, ...]:
+        """(attention_norm, wqkv, wo, ffn_norm, w13, w2): the compiled decode layer's weights, in its order."""
+        a, f = self.attention, self.feed_forward
+        return (self.attention_norm.weight, a.wqkv, a.wo.weight, self.ffn_norm.weight, f.w13, f.w2.weight)
+
     def decode(
         self,
         x: torch.Tensor,
@@ -210,12 +215,11 @@ class TransformerBlock(nn.Module):
         lora: dict[str, list[LoRADelta]],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` for a decode step (row m = sequence m) as one `ops.decode_layer` call."""
-        a, f = self.attention, self.feed_forward
-        weights = (self.attention_norm.weight, a.wqkv, a.wo.weight, self.ffn_norm.weight, f.w13, f.w2.weight)
+        a = self.attention
         return a.ops.decode_layer(
             x,
             residual,
-            weights,
+            self.decode_weights(),
             self.attention_norm.eps,
             (a.n_heads, a.n_kv_heads, a.head_dim),
             cos_sin,
@@ -343,7 +347,10 @@ class Llama(nn.Module):
             if ad is not None and not ad.compute:
                 gathered = {t: p[:, ad.row_slots] for t, p in ad.pools.items()}  # (n_layers, M | S, width)
             native = self._native_decode(x, step, k_cache)
-            for i, layer in enumerate(self.layers):
+            if native and self.ops.decode_layers is not None and (ad is None or not ad.lora):  # all layers, one call
+                stack = self._decode_stack(k_cache, v_cache)
+                x, h = self.ops.decode_layers(stack, x, cos_sin, step.slots, step.block_tables, step.seq_lens, gathered)
+            for i, layer in enumerate(self.layers if h is None else ()):
                 if native:
                     scales, lora = ad.layer(i, x, gathered) if ad is not None else ({}, {})
                     x, h = layer.decode(x, h, cos_sin, step, k_cache[i], v_cache[i], scales, lora)
@@ -358,6 +365,23 @@ class Llama(nn.Module):
             else:
                 logits = self.ops.linear_scale(self.norm.add(x, h)[0], self.output.weight)  # (R, vocab / tp)
             return self.tp.gather_last(logits, self.args.vocab_size).float()
+
+    def _decode_stack(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> Any:
+        """The compiled layers over this KV pool (`ops.decode_stack`), built once and rebuilt when the weights
+        or the pool moved."""
+        stack = getattr(self, "_stack", None)
+        first, last = self.layers[0].attention.wqkv, self.layers[-1].feed_forward.w2.weight
+        if stack is None or stack.n != len(self.layers) or not stack.matches(first, last, k_cache, v_cache):
+            a = self.layers[0].attention
+            stack = self.ops.decode_stack(
+                [layer.decode_weights() for layer in self.layers],
+                self.layers[0].attention_norm.eps,
+                (a.n_heads, a.n_kv_heads, a.head_dim),
+                k_cache,
+                v_cache,
+            )
+            self._stack = stack
+        return stack
 
     def _native_decode(self, x: torch.Tensor, step: StepBatch, k_cache: torch.Tensor) -> bool:
         """Whether this step's layers run as `ops.decode_layer` calls: a decode step (row m = sequence m's

@@ -37,10 +37,14 @@ def per_op(model: Llama) -> Iterator[None]:
 
 @pytest.fixture
 def calls(monkeypatch):
-    """How many times the compiled layer ran."""
+    """How many layers the compiled code ran (one call each, or a whole step's in one DecodeStack call)."""
     seen = []
     real = native.decode_layer
     monkeypatch.setattr(native, "decode_layer", lambda *a, **k: seen.append(1) or real(*a, **k))
+    stack = native.DecodeStack.__call__  # a whole step's layers in one call: one entry per layer
+    monkeypatch.setattr(
+        native.DecodeStack, "__call__", lambda self, *a, **k: seen.extend([1] * self.n) or stack(self, *a, **k)
+    )
     return seen
 
 
@@ -87,13 +91,18 @@ def _loras(model: Llama) -> list:
 
 
 def _decode(
-    model: Llama, lens: list[int], slots: list[int] | None, steps: int = 4, lora: list | None = None
+    model: Llama,
+    lens: list[int],
+    slots: list[int] | None,
+    steps: int = 4,
+    lora: list | None = None,
+    blocks: int = 40,
 ) -> list[torch.Tensor]:
     """Prefill sequences of `lens` tokens (per-op: a prefill is never native), then `steps` decode steps.
     lora: [(adapter, its rows)] for the decode steps."""
     g = torch.Generator().manual_seed(sum(lens))
     seqs = [torch.randint(0, 83, (n + steps,), generator=g) for n in lens]
-    cache = PagedKVCache(model.args, num_blocks=40, block_size=4)
+    cache = PagedKVCache(model.args, num_blocks=blocks, block_size=4)
     tables = [BlockTable() for _ in seqs]
     pools = _adapter_pools(model) if slots else None
     step = cache.prepare_step(tables, lens)
@@ -284,3 +293,22 @@ def test_gemv_pool_in_a_forked_child(gemv_mode):
         os.waitpid(pid, 0)
         pytest.fail("the forked child's GEMV hung")
     assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
+@torch.inference_mode()
+def test_decode_stack_follows_a_new_kv_pool(calls):
+    """The struct array of every layer is built once per model and KV pool: a second pool of another size (an
+    engine resized, or a new one on the same model) gets a new stack, and both decode as the per-op path."""
+    model = _model()
+    with per_op(model):
+        want = _decode(model, [7, 18, 5], [1, 0, 2])
+    got = _decode(model, [7, 18, 5], [1, 0, 2])
+    first = model._stack
+    for g, w in zip(got, want):
+        assert_close(g, w, MODEL_PATH)
+    cache = PagedKVCache(model.args, num_blocks=64, block_size=4)  # another pool, another layout
+    assert not first.matches(model.layers[0].attention.wqkv, model.layers[-1].feed_forward.w2.weight, cache.k, cache.v)
+    again = _decode(model, [7, 18, 5], [1, 0, 2], blocks=64)
+    assert model._stack is not first
+    for g, w in zip(again, want):
+        assert_close(g, w, MODEL_PATH)

@@ -283,6 +283,27 @@ int pl_decode_layer(const Layer *L) {
     return 0;
 }
 
+/* All n layers of a decode step in one call: layers[0] carries the step's fields (rows, x = the embeddings,
+   residual = NULL, out, stream, cos_sin, slots, block_tables, max_blocks, seq_lens, work); every later layer
+   takes them from it and runs in place on layers[0]'s out / stream (a layer reads x and residual before it
+   writes stream, and writes out last). The others hold their weights, caches and scales. The result is in
+   layers[0].out and .stream. Returns the first failing layer's code. */
+int pl_decode_layers(Layer *layers, int64_t n) {
+    const Layer *s = &layers[0];
+    for (int64_t i = 0; i < n; i++) {
+        Layer *L = &layers[i];
+        if (i > 0) {
+            L->rows = s->rows, L->max_blocks = s->max_blocks;
+            L->cos_sin = s->cos_sin, L->slots = s->slots, L->block_tables = s->block_tables;
+            L->seq_lens = s->seq_lens, L->work = s->work;
+            L->x = s->out, L->residual = s->stream, L->out = s->out, L->stream = s->stream;
+        }
+        int rc = pl_decode_layer(L);
+        if (rc != 0) return rc;
+    }
+    return 0;
+}
+
 /* y (M, N) = x (M, K) @ wᵀ for a few rows (the output projection of a decode step). */
 int pl_linear(const float *x, const float *w, float *y, int64_t rows, int64_t n_out, int64_t k) {
     if (rows < 1 || rows > MAX_ROWS) return 1;
