@@ -61,6 +61,8 @@ class _Layer(ctypes.Structure):
         *[(n, _ptr) for n in ("cos_sin", "k_cache", "v_cache", "slots", "block_tables", "seq_lens", "work")],
         ("lora", ctypes.POINTER(_Lora)),
         ("n_lora", _i64),
+        ("scale_qkv_layer_stride", _i64),
+        ("scale_u_layer_stride", _i64),
     ]
 
 
@@ -125,7 +127,7 @@ def library() -> Any:
     if gemv not in ("pool", "blas"):
         warnings.warn(f"parallama: PARALLAMA_GEMV={gemv!r} is not 'pool' or 'blas'; using the pool", stacklevel=2)
     elif gemv == "blas" and not lib.pl_use_blas(1):
-        warnings.warn("parallama: PARALLAMA_GEMV=blas , numpy's BLAS lacks cblas_sgemv: the pool it is", stacklevel=2)
+        warnings.warn("parallama: PARALLAMA_GEMV=blas but numpy's BLAS lacks cblas_sgemv; using the pool", stacklevel=2)
     lib.pl_decode_layer.argtypes = [ctypes.POINTER(_Layer)]
     lib.pl_decode_layer.restype = ctypes.c_int
     lib.pl_linear.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64]
@@ -306,17 +308,13 @@ class DecodeStack:
             _p, (cos_sin, slots, block_tables, seq_lens, work)
         )
         scales = scales or {}
-        for name, stride_name in (("qkv", "scale_qkv_stride"), ("u", "scale_u_stride")):
-            s = scales.get(name)
-            if s is not None and not s.is_contiguous():
+        for name in ("qkv", "u"):  # layer 0's; pl_decode_layers steps to the others' (no loop over layers here)
+            sc = scales.get(name)
+            if sc is not None and not sc.is_contiguous():
                 raise ValueError(f"DecodeStack: the {name} scales must be contiguous")
-            base = 0 if s is None else s.data_ptr()
-            step = 0 if s is None else s.stride(0) * s.element_size()
-            row_stride = 0 if s is None or s.shape[1] == 1 else s.shape[2]
-            for i in range(self.n):
-                L = self.layers[i]
-                setattr(L, "scale_" + name, base + i * step if base else None)
-                setattr(L, stride_name, row_stride)
+            setattr(L0, f"scale_{name}", _p(sc))
+            setattr(L0, f"scale_{name}_stride", 0 if sc is None or sc.shape[1] == 1 else sc.shape[2])
+            setattr(L0, f"scale_{name}_layer_stride", 0 if sc is None else sc.stride(0))
         if lib.pl_decode_layers(self.layers, self.n) != 0:
             raise ValueError(f"DecodeStack: unsupported shape (rows {M}, heads {self.shape})")
         return out, stream

@@ -371,7 +371,7 @@ class Llama(nn.Module):
         or the pool moved."""
         stack = getattr(self, "_stack", None)
         first, last = self.layers[0].attention.wqkv, self.layers[-1].feed_forward.w2.weight
-        if stack is None or stack.n != len(self.layers) or not stack.matches(first, last, k_cache, v_cache):
+        if stack is None or not stack.matches(first, last, k_cache, v_cache):
             a = self.layers[0].attention
             stack = self.ops.decode_stack(
                 [layer.decode_weights() for layer in self.layers],

@@ -58,6 +58,8 @@ typedef struct {
     float *work;             /* scratch: see pl_decode_layer_work */
     const Lora *lora;        /* (n_lora,) this layer's LoRA updates */
     int64_t n_lora;
+    /* pl_decode_layers: floats from one layer's scales to the next's (scales stacked over layers) */
+    int64_t scale_qkv_layer_stride, scale_u_layer_stride;
 } Layer;
 
 static float dot(const float *a, const float *b, int64_t n) {
@@ -284,10 +286,11 @@ int pl_decode_layer(const Layer *L) {
 }
 
 /* All n layers of a decode step in one call: layers[0] carries the step's fields (rows, x = the embeddings,
-   residual = NULL, out, stream, cos_sin, slots, block_tables, max_blocks, seq_lens, work); every later layer
-   takes them from it and runs in place on layers[0]'s out / stream (a layer reads x and residual before it
-   writes stream, and writes out last). The others hold their weights, caches and scales. The result is in
-   layers[0].out and .stream. Returns the first failing layer's code. */
+   residual = NULL, out, stream, cos_sin, slots, block_tables, max_blocks, seq_lens, work, and the scales: layer
+   0's, their row strides and their per-layer strides); every later layer takes them from it and runs in place
+   on layers[0]'s out / stream (a layer reads x and residual before it writes stream, and writes out last). The
+   others hold their weights and caches. The result is in layers[0].out and .stream. Returns the first failing
+   layer's code. */
 int pl_decode_layers(Layer *layers, int64_t n) {
     const Layer *s = &layers[0];
     for (int64_t i = 0; i < n; i++) {
@@ -297,6 +300,9 @@ int pl_decode_layers(Layer *layers, int64_t n) {
             L->cos_sin = s->cos_sin, L->slots = s->slots, L->block_tables = s->block_tables;
             L->seq_lens = s->seq_lens, L->work = s->work;
             L->x = s->out, L->residual = s->stream, L->out = s->out, L->stream = s->stream;
+            L->scale_qkv = s->scale_qkv ? s->scale_qkv + i * s->scale_qkv_layer_stride : NULL;
+            L->scale_u = s->scale_u ? s->scale_u + i * s->scale_u_layer_stride : NULL;
+            L->scale_qkv_stride = s->scale_qkv_stride, L->scale_u_stride = s->scale_u_stride;
         }
         int rc = pl_decode_layer(L);
         if (rc != 0) return rc;
