@@ -44,7 +44,7 @@ def accuracy(prediction: str, record: Record) -> float:
     else the response). With `record["labels"]` the first word that is one of the labels counts, so a chatty
     "Answer: No, she does not." scores for "no"."""
     gold = first_word(str(record.get("answer", record["response"])))
-    words = prediction.lower().translate(_PUNCT).split()
+    words = normalize(prediction).split()
     labels = {first_word(str(label)) for label in record.get("labels", ())}
     if labels:
         words = [w for w in words if w in labels]
