@@ -15,7 +15,8 @@ PeftModel, one mixed batch through `adapter_names`) against the same batch on th
 tokens/s = new tokens / wall time including prefill (the paper's figure); decode tok/s excludes
 the prefill: parallama times the engine's pure decode steps, the peers (transformers `generate` on
 the same weights, peft LoRA / (IA)³ on that model) the steps inside `generate` (a no-op logits
-processor notes when each step's logits arrive); the peers' prefill is the time of a 1-token generate.
+processor notes when each step's logits arrive). prefill tok/s = prompt tokens / time to the first token in
+every row (parallama: `Request.first_token_time`; transformers: a 1-token generate; llama.cpp: the first eval).
 llama.cpp (base, beams 1, batch 1, CPU) runs GGUFs of the exact weights (F32, and the run's 16-bit type)
 written to a temp dir, timed like the engine's steps and interleaved with the parallama rows of its setting.
 Every row reports the median of --runs after a warm-up (parallama rows of one beams × batch setting, and

@@ -1,7 +1,8 @@
 """parallama's rows: each method's requests (fresh PARA, (IA)³ and LoRA adapters, or N seeded PARA
-tenants) through an engine of their own, timed on the engine's steps (the first = prefill + one decode,
-the rest pure decode); cases that are compared run interleaved, round by round. Also the paged KV memory
-of a ragged batch, and `CompiledStep` for --compile.
+tenants) through an engine of their own, timed on the engine's steps: prefill to the first token (the
+engine's `Request.first_token_time`), decode over the steps after the first (which prefills and decodes
+once). Cases that are compared run interleaved, round by round. Also the paged KV memory of a ragged
+batch, and `CompiledStep` for --compile.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ class ParallamaCase:
         self.peak_mem_mib = mem.mib
 
     def _run(self) -> tuple[float, float, float]:
-        """(wall time, first steps = prefill + one decode, decode tok/s of the later steps) of all requests."""
+        """(wall time, time to the first tokens (each group's prefill, its sampling included), decode tok/s
+        of the steps after the first) of all requests."""
         wall = first = decode_time = 0.0
         decoded = 0
         for group in self.groups:
@@ -115,7 +117,8 @@ class ParallamaCase:
             sync(self.device)
             t2 = time.perf_counter()
             assert all(len(r.output_ids) == self.new for r in reqs) or self.beams > 1
-            wall, first, decode_time = wall + t2 - t0, first + t1 - t0, decode_time + t2 - t1
+            ttft = max(r.first_token_time for r in reqs) - t0  # the first step's prefill part
+            wall, first, decode_time = wall + t2 - t0, first + ttft, decode_time + t2 - t1
             decoded += len(group) * steps
         return wall, first, decoded / max(decode_time, 1e-9)
 
@@ -139,7 +142,7 @@ class ParallamaCase:
             mode="sequential" if self.sequential else "batched",
             # steps after the first are pure decode (one token per sequence), measured directly
             decode_tps=decode_tps,
-            prefill_tps=batch * len(ids) / t_first,  # a lower bound: the first step also decodes once
+            prefill_tps=batch * len(ids) / t_first,  # to the first token, as the peers
             kv_bytes=self.engine.peak_blocks_used * self.engine.cache.block_size * kv_bytes_per_token(model),
             peak_mem_mib=self.peak_mem_mib,
         )

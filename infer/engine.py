@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class Request:
         self.text = ""
         self.beam: BeamSearch | None = None
         self.slot = 0  # row of the engine's scale pools (0 = identity), held while admitted
+        self.first_token_time: float | None = None  # time.perf_counter() when its prefill's token was sampled
         self.restart()
 
     def restart(self) -> None:
@@ -290,7 +292,11 @@ class Engine:
         step.adapters = self._adapter_step(reqs, counts, compute=True, row_to_seq=step.row_to_seq)
         tokens = torch.tensor([t for s in seqs for t in s.tokens], device=self.cache.k.device)
         logits = self.model.forward_step(tokens, step, self.cache.k, self.cache.v)  # (R, vocab)
-        return [r for i, r in enumerate(reqs) if self._advance(r, logits[i : i + 1])]
+        finished = [r for i, r in enumerate(reqs) if self._advance(r, logits[i : i + 1])]
+        now = time.perf_counter()
+        for r in reqs:  # the first prefill's (a preempted request prefills again)
+            r.first_token_time = r.first_token_time or now
+        return finished
 
     def _decode(self) -> list[Request]:
         while True:

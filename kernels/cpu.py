@@ -1,11 +1,12 @@
-"""CPU fast path for inference: the projections' GEMMs through numpy's BLAS, and fewer, larger torch ops.
+"""CPU fast path for inference: the projections on the fastest CPU BLAS at hand, and fewer, larger torch ops.
 
-Measured on the 2-core CI machine (fp32, weights streamed from DRAM, out of cache): torch's CPU GEMV
-(`F.linear` on a (N, K) weight) reads weights at ~16 GB/s, `x @ W` on a (K, N) copy at ~23 GB/s, while
-numpy's threaded OpenBLAS `W @ x` reaches ~40 GB/s — the machine's streaming bandwidth (~44 GB/s) — with
-no weight copy. Decode is a chain of GEMVs, so this roughly halves a decode step. The two libraries'
-thread pools spin against each other, so `single_torch_thread` leaves torch one intra-op thread while a
-forward runs (the GEMMs, the bulk of the work, still use every core through BLAS).
+A GEMM (a prefill: more than `GEMV_ROWS` rows) runs on torch's own BLAS (MKL in the x86 wheels), on torch's
+OpenMP threads; a few rows (a decode step the compiled layers do not take) run as GEMVs on the compiled
+layers' thread pool (`native.linear`), which streams weights at the machine's bandwidth where torch's GEMV
+does not. numpy's OpenBLAS is left out wherever that library builds: its idle workers spin for ~10^8 cycles
+after each call, and measured on a 2-core Xeon they slowed every torch op of a prefill and the first decode
+step after it (bench/results/decode_cpu.md). One pool per forward owns the cores: `scope(decode=True)`
+leaves torch one intra-op thread while the compiled layers run.
 
 The small ops are rewritten for fewer dispatches per layer: after a GEMV has streamed megabytes of weights
 every small op runs with cold caches (measured: 2-4x its warm cost), so each one saved counts. RMSNorm is
@@ -14,7 +15,6 @@ torch's one-call `F.rms_norm` (a decode row: numpy), RoPE one complex multiply o
 w1 | w3. Attention reads a lone sequence's K/V in place when its blocks are consecutive (`StepBatch.contiguous_kv`,
 decided once per step, not per layer; else one `index_select`) and runs a GQA-folded SDPA instead of the
 reference's padded query grid and general mask; a prefill of whole prompts runs one causal SDPA per prompt.
-A decode step on SmolLM2 is ~19 ms here: ~14 ms of GEMV, ~2.3 ms of attention, the rest small ops and Python.
 
 Only inference takes this path: a GEMM whose inputs need gradients, or that is not fp32 on CPU, runs the
 PyTorch twin (`reference.py`), so results agree with the twin up to fp32 summation order.
@@ -64,29 +64,31 @@ def _weight_array(w: torch.Tensor) -> np.ndarray:
 
 
 def blas_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ wᵀ for x (..., K), w (N, K); numpy's BLAS when `_blas_ok`, else F.linear."""
+    """x @ wᵀ for x (..., K), w (N, K) (the name is historical): a GEMM of more than `GEMV_ROWS` rows on torch's
+    own BLAS, a few rows as GEMVs on the compiled layer's threads (`native.linear`), numpy's BLAS where that
+    library did not build. No path leaves another thread pool spinning after it (see the module docstring)."""
     if not _blas_ok(x, w):
         return F.linear(x, w)
     lead = x.shape[:-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    M, N = x2.shape[0], w.shape[0]
+    if M > GEMV_ROWS:
+        return F.linear(x, w)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    wn, xn = _weight_array(w), _array(x2)  # wn (N, K) row-major: W @ x is BLAS's fast "N" GEMV
-    M, N = xn.shape[0], wn.shape[0]
-    if M <= GEMV_ROWS:
-        # OpenBLAS's sgemm is slow for a few rows (37 ms vs 26 ms for 3 rows over SmolLM2's weights here):
-        # one GEMV per row instead, over row chunks of the weight small enough to stay in cache, so a
-        # chunk comes from DRAM once and from cache for the other rows (unchunked, a weight larger than the
-        # cache, like the output projection, streams from DRAM once per row: 31 ms for 3 rows)
+    if native.available() and w.is_contiguous():
+        y = native.linear(x2, w)
+    else:
+        wn, xn = _weight_array(w), _array(x2)  # wn (N, K) row-major: W @ x is BLAS's fast "N" GEMV
+        # one GEMV per row (OpenBLAS's sgemm is slow for a few rows), over row chunks of the weight small
+        # enough to stay in cache: a chunk comes from DRAM once and from cache for the other rows
         out = np.empty((M, N), dtype=np.float32)
         step = N if M == 1 else max(1, GEMV_CHUNK_BYTES // (wn.shape[1] * wn.itemsize))
         for c in range(0, N, step):
             for m in range(M):
                 np.matmul(wn[c : c + step], xn[m], out=out[m, c : c + step])
-    else:
-        out = xn @ wn.T
-    y = torch.from_numpy(out)
-    return y if x.dim() == 2 else y.view(*lead, w.shape[0])
+        y = torch.from_numpy(out)
+    return y if x.dim() == 2 else y.view(*lead, N)
 
 
 def linear_scale(
@@ -292,10 +294,12 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def single_torch_thread() -> Iterator[None]:
-    """torch on one intra-op thread for the duration (restored after): BLAS owns the cores."""
+def scope(decode: bool = False) -> Iterator[None]:
+    """Around a forward: a step whose layers run compiled (`decode`) leaves torch one intra-op thread for the
+    duration (restored after), so no OpenMP worker wakes for a small op and spins against the layers' pool;
+    any other forward keeps every thread for torch's GEMMs and elementwise ops."""
     n = torch.get_num_threads()
-    if n == 1:
+    if not decode or n == 1:
         yield
         return
     torch.set_num_threads(1)

@@ -95,8 +95,9 @@ class Ops(Protocol):
         contiguous_kv: tuple[int, int] | None = None,
     ) -> Tensor: ...
 
-    def scope(self) -> AbstractContextManager[None]:
-        """Entered around every forward (the cpu backend pins torch to one thread there)."""
+    def scope(self, decode: bool = False) -> AbstractContextManager[None]:
+        """Entered around every forward; `decode`: its layers run as `decode_layers` / `decode_layer` calls
+        (the cpu backend then pins torch to one thread: the compiled layers' pool owns the cores)."""
         ...
 
     # A whole decode layer in one call (`kernels.native.decode_layer`'s signature), or None: the model then
@@ -158,7 +159,7 @@ class TorchOps:
     write_kv = staticmethod(reference.write_kv)
     rope_write_kv = staticmethod(reference.rope_write_kv)
     paged_attention = staticmethod(reference.paged_attention)
-    scope = staticmethod(nullcontext)
+    scope = staticmethod(lambda decode=False: nullcontext())
     decode_layer = None
     decode_linear = None
     decode_stack = None
@@ -177,7 +178,7 @@ class CpuOps(TorchOps):
     write_kv = staticmethod(cpu.write_kv)
     rope_write_kv = staticmethod(cpu.rope_write_kv)
     paged_attention = staticmethod(cpu.paged_attention)
-    scope = staticmethod(cpu.single_torch_thread)
+    scope = staticmethod(cpu.scope)
 
     def __init__(self) -> None:
         # the compiled decode layer and its output projection where the library builds here (the first

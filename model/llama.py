@@ -337,8 +337,9 @@ class Llama(nn.Module):
         tokens: (M,); k_cache, v_cache: (n_layers, num_blocks, block_size, H_kv, hd).
         Returns float32 logits for `step.logit_rows` (all rows when None): (R, vocab).
         """
-        with self.ops.scope():
-            x, h = self.tok_embeddings(tokens), None  # (M, d)
+        x, h = self.tok_embeddings(tokens), None  # (M, d)
+        native = self._native_decode(x, step, k_cache)
+        with self.ops.scope(native):
             cos_sin = self.rope_cos_sin[step.positions]  # (M, hd/2, 2)
             ad = step.adapters
             # nothing to compute (decode, or a prefill without PARA rows): every layer's vectors come from
@@ -346,7 +347,6 @@ class Llama(nn.Module):
             gathered = None
             if ad is not None and not ad.compute:
                 gathered = {t: p[:, ad.row_slots] for t, p in ad.pools.items()}  # (n_layers, M | S, width)
-            native = self._native_decode(x, step, k_cache)
             if native and self.ops.decode_layers is not None and (ad is None or not ad.lora):  # all layers, one call
                 stack = self._decode_stack(k_cache, v_cache)
                 x, h = self.ops.decode_layers(stack, x, cos_sin, step.slots, step.block_tables, step.seq_lens, gathered)

@@ -120,6 +120,31 @@ def test_seeded_sampling_is_reproducible(tiny):
     assert a == b and a != c
 
 
+def test_first_token_time_marks_the_prefill_not_the_decode_in_its_step(tiny):
+    """The engine's first step prefills then decodes once; first_token_time falls between the two (the
+    bench's prefill tok/s is measured to it): with decode made slow, it is far from the step's end."""
+    import time
+
+    eng = Engine(tiny, num_blocks=64, block_size=4)
+    req = eng.add_request([1, 2, 3], SamplingParams(max_new_tokens=4), None)
+    assert req.first_token_time is None
+    decode = eng._decode
+
+    def slow_decode():
+        time.sleep(0.2)
+        return decode()
+
+    eng._decode = slow_decode
+    t0 = time.perf_counter()
+    eng.step()
+    t1 = time.perf_counter()
+    assert len(req.output_ids) == 2  # the prefill's token and one decode step's
+    assert t0 < req.first_token_time < t1 - 0.2
+    first = req.first_token_time
+    eng.step()
+    assert req.first_token_time == first  # later steps leave it
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     logits=st.lists(st.floats(-20, 20, allow_nan=False), min_size=2, max_size=40),
