@@ -67,8 +67,15 @@ from bench.parallama_rows import (  # noqa: E402
     tenant_adapters,
 )
 from bench.peers import bench_hf, load_hf_peer, peft_model  # noqa: E402
-from bench.report import add_roof, find, format_summary, format_table, plot, summarize  # noqa: E402
-from bench.step_profile import decode_profile, format_profile, remaining  # noqa: E402
+from bench.report import PREFILL_GOAL, add_roof, find, format_summary, format_table, plot, summarize  # noqa: E402
+from bench.step_profile import (  # noqa: E402
+    decode_profile,
+    format_profile,
+    prefill_flops,
+    prefill_profile,
+    prefill_remaining,
+    remaining,
+)
 from infer.engine import Engine  # noqa: E402
 from infer.sampling import SamplingParams  # noqa: E402
 from model import Llama  # noqa: E402
@@ -202,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ids,
         SamplingParams(max_new_tokens=17, ignore_eos=True),
     )
+    log("time by op of a prefill (base)")
+    pre_profile = prefill_profile(Engine(model, num_blocks=math.ceil((len(ids) + 1) / 16) + 1), ids)
     weights = weight_bytes(model)
     bw_bytes = bandwidth_buffer_bytes(weights, None if a.device == "cuda" else l3_bytes())
     log(f"memory bandwidth before the runs ({bw_bytes / 2**20:.0f} MiB buffer)")
@@ -364,6 +373,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     peer = find(rows, engine="llama.cpp", gguf_type="F32", method="base", beams=1, batch=1)
     gap = remaining(profile, weights, peer["decode_tps"] if peer else None, "llama.cpp F32")
     print("\nWhat remains:\n" + "\n".join(f"- {line}" for line in gap))
+    print(f"\nTime by op of a prefill of {len(ids)} tokens (base, backend {model.ops.backend}):\n")
+    print(format_profile(pre_profile, "prefill"))
+    hf = find(rows, engine="transformers", method="base", beams=1, batch=1)
+    pre_gap = prefill_remaining(
+        pre_profile,
+        prefill_flops(model, len(ids)),
+        hf["prefill_tps"] if hf else None,
+        "transformers",
+        len(ids),
+        PREFILL_GOAL,
+    )
+    print("\nWhat remains of the prefill:\n" + "\n".join(f"- {line}" for line in pre_gap))
     if a.json:
         a.json.write_text(
             json.dumps(
@@ -376,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "ops_per_layer": ops,
                     "decode_profile": profile,
                     "remaining": gap,
+                    "prefill_profile": pre_profile,
+                    "prefill_remaining": pre_gap,
                     "targets": targets,
                     "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
                 },

@@ -664,3 +664,36 @@ def test_remaining_arithmetic():
     assert "projections 35.0 ms = 538 MB at 15.4 GB/s" in one and "everything else 15.0 ms" in one
     assert "step 20.0 ms" in two and "26.9 GB/s" in two and "1.75x" in two and "0.75x" in two
     assert len(remaining(p, 538_000_000, None, "llama.cpp F32")) == 1
+
+
+def test_prefill_profile_counts_one_prefill_and_its_flops():
+    from bench.step_profile import format_profile, prefill_flops, prefill_profile
+
+    engine = _tiny_engine("cpu", 2)
+    ops = engine.model.ops
+    before = dict(vars(ops))
+    p = prefill_profile(engine, list(range(1, 8)), runs=3)
+    assert vars(ops) == before  # every op restored
+    assert p["steps"] == 3
+    # hand count for 2 layers over the 7 prompt rows (a prefill never takes the compiled decode layers)
+    want = {"linear_scale": 6, "gated_up": 2, "lm_head": 1, "paged_attention": 2, "rope_write_kv": 2}
+    assert p["calls"] == {**want, "rms_norm": 1, "add_rms_norm": 4}
+    assert 0 < p["outside_ops_ms"] < p["step_ms"]
+    assert "| **prefill** |" in format_profile(p, "prefill")
+    m, a = engine.model, engine.model.args
+    per_layer = a.dim * (a.q_dim + 2 * a.kv_dim) + a.q_dim * a.dim + 3 * a.dim * a.ffn_dim
+    assert prefill_flops(m, 7) == 2 * 7 * a.n_layers * per_layer + 2 * a.vocab_size * a.dim
+
+
+def test_prefill_remaining_arithmetic():
+    from bench.step_profile import prefill_remaining
+
+    p = {"step_ms": 250.0, "ops_ms": {"linear_scale": 100.0, "gated_up": 90.0, "lm_head": 4.0, "paged_attention": 30.0}}
+    p["outside_ops_ms"] = 26.0
+    one, two = prefill_remaining(p, 58_000_000_000, 1096.0, "transformers", 274, 1.2)
+    # 58 GFLOP in 194 ms = 299 GFLOP/s; the peer's 274 tokens at 1096 tok/s = 250 ms; / 1.2 = 208.3 ms,
+    # 208.3 - 194 = 14.3 ms left for what takes 56 ms now
+    assert "projections 194.0 ms = 58.0 GFLOP at 299 GFLOP/s" in one and "everything else 56.0 ms" in one
+    assert "paged_attention 30.0" in one
+    assert "prefill 250.0 ms" in two and "208.3 ms" in two and "leaves 14.3 ms" in two and "takes 56.0 ms" in two
+    assert len(prefill_remaining(p, 58_000_000_000, None, "transformers", 274, 1.2)) == 1
