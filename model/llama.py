@@ -179,6 +179,7 @@ class TransformerBlock(nn.Module):
         cos_sin: torch.Tensor,
         *cache_args: Any,
         adapter: Callable[[torch.Tensor], AdapterLayer] | None = None,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """vLLM's residual convention: x is the last sub-layer's output (the embeddings, with residual None,
         for the first block) and residual the stream it joins; returns (this block's FFN output, the stream
@@ -187,6 +188,9 @@ class TransformerBlock(nn.Module):
         adapter: the stream at this block's input → this layer's scales {"q", "k", "v", "u"} (any subset;
         with "rows", per sequence: see Attention.forward) and LoRA updates {"q", "k", "v", "o", "gate", "up",
         "down"}; PARA pools its vectors from that stream.
+        keep: packed rows whose outputs are read later (the last layer of a cached step whose logits are wanted
+        at a few rows, as llama.cpp's output ids): every row's K/V is written, the FFN runs on these rows only
+        (not with LoRA, whose updates name rows).
         """
         if residual is None:
             normed, h = self.attention_norm(x), x
@@ -194,8 +198,14 @@ class TransformerBlock(nn.Module):
             normed, h = self.attention_norm.add(x, residual)
         scales, lora = adapter(h) if adapter is not None else (None, None)
         x = self.attention(normed, cos_sin, *cache_args, scales=scales, lora=lora)
-        normed, h = self.ffn_norm.add(x, h)
         s = scales or {}
+        if keep is not None:
+            if "rows" in s:  # per-sequence scales: the kept rows' sequences
+                s = {**s, "rows": s["rows"][keep]}
+            elif "u" in s and s["u"].shape[0] == x.shape[0] > 1:  # per-row scales (one row: broadcast)
+                s = {**s, "u": s["u"][keep]}
+            x, h = x[keep], h[keep]
+        normed, h = self.ffn_norm.add(x, h)
         return self.feed_forward(normed, scale_u=s.get("u"), lora=lora, rows=s.get("rows")), h
 
     def decode_weights(self) -> tuple[torch.Tensor, ...]:
@@ -338,7 +348,7 @@ class Llama(nn.Module):
         Returns float32 logits for `step.logit_rows` (all rows when None): (R, vocab).
         """
         x, h = self.tok_embeddings(tokens), None  # (M, d)
-        native = self._native_decode(x, step, k_cache)
+        native, kept = self._native_decode(x, step, k_cache), False
         with self.ops.scope(native):
             cos_sin = self.rope_cos_sin[step.positions]  # (M, hd/2, 2)
             ad = step.adapters
@@ -356,9 +366,12 @@ class Llama(nn.Module):
                     x, h = layer.decode(x, h, cos_sin, step, k_cache[i], v_cache[i], scales, lora)
                     continue
                 hook = None if ad is None else functools.partial(ad.layer, i, gathered=gathered)
+                # the last layer's FFN only for the rows whose logits are wanted (its K/V written for all)
+                keep = step.logit_rows if i == len(self.layers) - 1 and (ad is None or not ad.lora) else None
                 # K/V are scaled before write_kv, so the cache holds l_v ⊙ V and is never rescaled
-                x, h = layer(x, h, cos_sin, step, k_cache[i], v_cache[i], adapter=hook)
-            if step.logit_rows is not None:
+                x, h = layer(x, h, cos_sin, step, k_cache[i], v_cache[i], adapter=hook, keep=keep)
+                kept = keep is not None
+            if step.logit_rows is not None and not kept:
                 x, h = x[step.logit_rows], h[step.logit_rows]
             if native:  # on the layers' threads (see kernels/native.py)
                 logits = self.ops.decode_linear(self.norm.add(x, h)[0], self.output.weight)  # (R, vocab)

@@ -71,6 +71,47 @@ def test_cached_para_equals_no_cache_forward_with_prefill_vectors():
                 assert (moved - full).abs().max() > 1e-3
 
 
+@torch.no_grad()
+def test_prefill_runs_the_last_layers_ffn_on_the_logit_rows_only():
+    """A prefill wants the logits of each prompt's last row: the last layer writes every row's K/V but runs
+    its FFN on those rows (llama.cpp's output ids). Logits equal the full forward's; later decode steps, which
+    read every row's K/V, still equal it; the FFN's row counts show the pruning."""
+    model = tiny()
+    adapters = [random_adapter(model, 1), None, random_adapter(model, 2, adjust=("v", "u"))]
+    slots, prompt_lens = [1, 0, 2], [7, 12, 5]
+    seqs = [torch.randint(0, 61, (n + 3,)) for n in prompt_lens]
+    cache = PagedKVCache(model.args, num_blocks=32, block_size=4)
+    tables = [BlockTable() for _ in seqs]
+    pools = {p: AdapterStep.make_pool(model.args, p, 3) for p in ("qkv", "u")}
+    rows_seen = []
+    gated_up = model.ops.gated_up
+
+    def counting(x, *args, **kwargs):
+        rows_seen.append(x.shape[0])
+        return gated_up(x, *args, **kwargs)
+
+    step = cache.prepare_step(tables, prompt_lens)
+    last = torch.tensor(prompt_lens).cumsum(0) - 1
+    compute = [(a, last[i : i + 1], torch.tensor([s])) for i, (a, s) in enumerate(zip(adapters, slots)) if a]
+    step.adapters = AdapterStep(pools, torch.tensor(slots), compute, row_to_seq=step.row_to_seq)
+    model.ops.gated_up = counting  # an instance attribute over the shared ops object's method
+    try:
+        got = model.forward_step(torch.cat([s[:n] for s, n in zip(seqs, prompt_lens)]), step, cache.k, cache.v)
+    finally:
+        del model.ops.gated_up
+    assert rows_seen == [sum(prompt_lens), 3]  # layer 0 over every row, the last layer over the logit rows
+    ref = torch.stack([model(s[None, :n], adapter=a)[0, -1] for s, n, a in zip(seqs, prompt_lens, adapters)])
+    assert_close(got, ref, MODEL_PATH)
+    for t in range(3):
+        step = cache.prepare_step(tables, [1, 1, 1])
+        step.adapters = AdapterStep(pools, torch.tensor(slots))
+        got = model.forward_step(torch.stack([s[n + t] for s, n in zip(seqs, prompt_lens)]), step, cache.k, cache.v)
+        for row, (s, n, a) in enumerate(zip(seqs, prompt_lens, adapters)):
+            assert_close(
+                got[row], model(s[None, : n + t + 1], adapter=a, prompt_lens=torch.tensor([n]))[0, -1], MODEL_PATH
+            )
+
+
 def test_mixed_adapter_batch_equals_each_row_alone():
     model = tiny()
     engine = Engine(model, num_blocks=64, block_size=4)
