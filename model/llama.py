@@ -299,7 +299,11 @@ class Llama(nn.Module):
         (prompt_lens: (B,) in [1, T]; None = the whole row is the prompt), and scales every position
         of that row; (IA)³ and LoRA ignore prompt_lens.
         """
-        h = self.hidden_states(tokens, adapter, prompt_lens)
+        return self.logits(self.hidden_states(tokens, adapter, prompt_lens))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The output projection of final-norm states (..., d) → float32 logits (..., vocab): `forward`'s last
+        op, for callers that need only some positions' logits (a loss over response tokens)."""
         with self.ops.scope():
             return self.tp.gather_last(self.ops.linear_scale(h, self.output.weight), self.args.vocab_size).float()
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -32,8 +33,7 @@ from model.peft import PARAConfig, create_adapter  # noqa: E402
 from tests.helpers import WORDS, random_meta_state_dict, train_sentencepiece, write_meta_dir  # noqa: E402
 from tests.tolerance import MODEL_PATH, assert_close, assert_far  # noqa: E402
 from train.config import DEFAULT_LR, FinetuneConfig, TrainError, optimizer_groups  # noqa: E402
-from train.data import collate, load_dataset  # noqa: E402
-from train.evaluate import batch_loss  # noqa: E402
+from train.data import IGNORE, collate, load_dataset  # noqa: E402
 from train.finetune import finetune  # noqa: E402
 from train.finetune_args import build_parser  # noqa: E402
 
@@ -44,8 +44,10 @@ STEPS = 30
 # best dev loss / step-0 dev loss after STEPS steps at LR_TOP, seeds 0-9 (2026-12-02, the 2-core CPU, 1 thread):
 #   pool_norm (the default): max 0.684, median 0.660, min 0.617 (spread max/median 1.04);
 #   paper form: 5 of 10 diverged (ratio 1.0: no step beat step 0), the others 0.770-0.908 (median 0.954).
+# On the 2-core Intel Xeon CPU (2026-12-03; other BLAS kernels, so another pretrained model):
+#   pool_norm: max 0.744, median 0.681, min 0.607; paper form: 2 of 10 diverged, the others 0.822-0.935.
 LEARNS_MEASURED = 0.684  # the pool_norm form's largest ratio
-MARGIN = 1.1  # 2.5x the seed spread above; every paper-form seed measured stays above the bound (min 0.770)
+MARGIN = 1.1  # 2.5x the seed spread above; every paper-form seed measured on both CPUs stays above the bound
 LEARNS_BOUND = LEARNS_MEASURED * MARGIN  # 0.752: the pool_norm form must get at least this far down
 
 
@@ -61,6 +63,14 @@ def rows(n: int, seed: int, task: str) -> list[dict]:
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def full_logits_loss(model: Llama, batch) -> torch.Tensor:
+    """Summed response-token cross-entropy from every position's logits: the pretraining's own loss, fixed here
+    so that the fixture model does not move with `batch_loss`'s rounding (this test's margins were measured on
+    this exact model; a model pretrained with other rounding is another draw)."""
+    scored = batch.targets != IGNORE
+    return F.cross_entropy(model(batch.tokens)[scored], batch.targets[scored], reduction="sum")
 
 
 def pretrained_tiny(d: Path) -> Llama:
@@ -79,7 +89,7 @@ def pretrained_tiny(d: Path) -> Llama:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(PRETRAIN_STEPS):
         batch = collate(rng.sample(examples.examples, 16))
-        (batch_loss(model, None, batch) / batch.n_targets).backward()
+        (full_logits_loss(model, batch) / batch.n_targets).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return model.requires_grad_(False).eval()
@@ -162,7 +172,7 @@ def test_pool_norm_para_learns_at_the_top_lr_where_the_paper_form_does_not(scale
     assert not diverged and ratio <= LEARNS_BOUND
     paper, paper_diverged = run(scaled, data, tmp_path / "paper", pool_norm=False)
     print(f"paper form: best/step-0 dev loss {paper:.3f}, diverged {paper_diverged}")
-    assert paper > LEARNS_BOUND  # seed 0 diverges: no step beats step 0 (ratio 1.0)
+    assert paper > LEARNS_BOUND  # seed 0: diverged on the EPYC (ratio 1.0), 0.822 on the Xeon
 
 
 @torch.no_grad()
