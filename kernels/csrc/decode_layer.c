@@ -3,19 +3,19 @@
    The twin is the per-op path of model/llama.py `TransformerBlock.forward` (kernels/reference.py). Row m is
    sequence m's newest token; its K/V go to cache slot slots[m] and it attends to positions < seq_lens[m]
    through block_tables[m]. The projections are GEMVs split by output rows over a small spinning thread pool
-   (pool.h): each thread streams its weight rows one at a time, four 8-wide accumulators per row (AVX2/FMA;
-   a portable loop elsewhere), each row read once for all the step's rows. numpy's OpenBLAS cblas_sgemv
-   (handed over by kernels/native.py with pl_set_sgemv) is the other GEMV, chosen with pl_use_blas; the pool's
-   pass over SmolLM2's weights was faster in alternating runs (bench/results/decode_cpu.md). The small steps
-   between the GEMVs (norms, RoPE, the KV write, attention, SwiGLU, unmerged LoRA updates) run on the calling
-   thread.
+   (pool.h): each thread streams its weight rows one at a time, with a software prefetch ahead and 16-wide
+   (AVX-512) or 8-wide (AVX2/FMA) accumulators per row (a portable loop elsewhere), each row read once for all
+   the step's rows. numpy's OpenBLAS cblas_sgemv (handed over by kernels/native.py with pl_set_sgemv) is the
+   other GEMV, chosen with pl_use_blas; the pool's pass over SmolLM2's weights was faster in alternating runs
+   (bench/results/decode_cpu.md). The small steps between the GEMVs (norms, RoPE, the KV write, attention,
+   SwiGLU, unmerged LoRA updates) run on the calling thread.
    Built and loaded by kernels/native.py. */
 
 #define _POSIX_C_SOURCE 200809L /* clock_gettime, pthreads under -std=c11 */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -83,13 +83,29 @@ int pl_use_blas(int on) {
     return use_blas;
 }
 
-/* w · x for one weight row: four independent accumulators keep the FMA pipes busy while the row streams in. */
+/* Software prefetch distance of the weight stream, in floats (8 KiB: a few rows ahead). The hardware
+   prefetchers alone left the GEMVs ~10% under this on a 2-core Xeon (bench/results/decode_cpu.md); reading
+   past a matrix's end only prefetches, it never faults. */
+#define PREFETCH 2048
+
+/* w · x for one weight row: independent accumulators keep the FMA pipes busy while the row streams in. */
 static inline float row_dot(const float *w, const float *x, int64_t k) {
     int64_t j = 0;
     float acc = 0.0f;
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
+    __m512 b0 = _mm512_setzero_ps(), b1 = b0;
+    for (; j + 32 <= k; j += 32) {
+        _mm_prefetch((const char *)(w + j + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + j + 16 + PREFETCH), _MM_HINT_T0);
+        b0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j), _mm512_loadu_ps(x + j), b0);
+        b1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 16), _mm512_loadu_ps(x + j + 16), b1);
+    }
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
+#elif defined(__AVX2__) && defined(__FMA__)
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (; j + 32 <= k; j += 32) {
+        _mm_prefetch((const char *)(w + j + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + j + 16 + PREFETCH), _MM_HINT_T0);
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
         a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 16), _mm256_loadu_ps(x + j + 16), a2);
