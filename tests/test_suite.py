@@ -150,6 +150,15 @@ def test_end_to_end_and_resume(tiny_dir, tmp_path, capsys):
     resumed = json.loads((out / "suite.json").read_text())
     assert resumed["cells"] == summary["cells"]
 
+    # --report-only over more seeds than finished: the finished ones summarised, nothing trained
+    assert main([*argv[:7], "2", *argv[8:], "--report-only"]) == 0
+    fourth = capsys.readouterr()
+    assert "run boolq" not in fourth.err and "finished: 2/4 runs" in fourth.out
+    partial = json.loads((out / "suite.json").read_text())
+    assert partial["finished"] == "2/4 runs" and partial["cells"] == summary["cells"]
+    assert "(1/2)" in partial["table"] and partial["wall_seconds"] > 0
+    assert not (out / "runs" / "boolq" / "para" / "seed1").exists()
+
     # other result-shaping settings on the same OUT are refused before anything runs
     assert main([*argv, "--lr", "0.01"]) == 2
     assert "other settings (finetune:" in capsys.readouterr().err

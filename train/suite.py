@@ -86,6 +86,7 @@ class SuiteConfig:
     beams: int = 3
     zero_shot: bool = True
     progress: bool = True
+    report_only: bool = False  # summarise the runs OUT holds (a suite spread over sessions); train nothing
     finetune: dict[str, Any] = field(default_factory=dict)  # other FinetuneConfig fields: max_steps, lr, ...
 
     def check(self) -> None:
@@ -316,11 +317,18 @@ def run_suite(config: SuiteConfig, model: Any = None, command: str | None = None
     if abs(lora - para) > 0.15 * para:
         print(f"warning: LoRA's budget is {lora / para:.0%} of PARA's (outside ±15%)", file=sys.stderr)
 
-    zero = {t: zero_shot_cached(model, config, t, paths[t]) for t in config.tasks} if config.zero_shot else {}
+    zero, zero_wall = {}, 0.0
+    for t in config.tasks if config.zero_shot else ():
+        done = Path(config.out) / "zero_shot" / t / "result.json"
+        if not config.report_only or done.exists():
+            zero[t] = zero_shot_cached(model, config, t, paths[t])
+            zero_wall += read_json(done, SuiteError).get("wall_seconds") or 0.0
     runs = []
     for seed in range(config.seeds):  # seed-major: after the first pass every cell has a value
         for task in config.tasks:
             for method in config.methods:
+                if config.report_only and not (run_dir(config, task, method, seed) / "result.json").exists():
+                    continue
                 r = train_one(model, config, task, method, seed, paths[task], budgets[method]["r"])
                 runs.append({"task": task, "method": method, "seed": seed} | r)
 
@@ -343,6 +351,9 @@ def run_suite(config: SuiteConfig, model: Any = None, command: str | None = None
         "zero_shot": zero,
         "cells": cells,
         "runs": runs,
+        "finished": f"{len(runs)}/{config.seeds * len(config.tasks) * len(config.methods)} runs",
+        # wall time of the finished runs and zero-shot rows, each as first run (a resumed run: its last part)
+        "wall_seconds": sum(r.get("wall_seconds") or 0.0 for r in runs) + zero_wall,
         "paired": paired(runs) if {"para", "lora"} <= set(config.methods) else {},
         "para_wins": para_wins(cells, list(config.tasks)),
     }
@@ -377,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--beams", type=int, default=d.beams, help="beam width for test decoding (zero-shot too)")
     a("--no-zero-shot", dest="zero_shot", action="store_false", help="skip the base-model row")
     a("--no-progress", dest="progress", action="store_false")
+    a("--report-only", action="store_true", help="summarise the finished runs in OUT, train nothing")
     ft = p.add_argument_group("fine-tuning (passed to train.finetune)")
     for flag, kind in (
         ("max-steps", int),
@@ -427,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary["table"])
+    print(f"finished: {summary['finished']}, wall time {summary['wall_seconds'] / 3600:.2f} h")
     wins = summary["para_wins"]
     print(f"PARA >= the other methods on {len(wins)}/{len(summary['tasks'])} tasks: {', '.join(wins) or 'none'}")
     return 0
