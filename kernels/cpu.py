@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from kernels import native, reference
 
-GEMV_ROWS = 6  # up to this many rows a projection runs as per-row GEMVs (measured crossover: 6-8)
+GEMV_ROWS = native.MAX_ROWS  # up to this many rows a projection runs as GEMVs (the model's few-row steps)
 GEMV_CHUNK_BYTES = 4 << 20  # weight rows per chunk of those GEMVs (2-8 MiB measured alike; 512 KiB slower)
 _MAX_RUNS = 64  # more runs of rows than this (rows in no particular order): one gathered multiply instead
 _EXACT = (torch.float32, torch.float64)  # dtypes where the rewrites below match the twin's rounding

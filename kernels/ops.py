@@ -96,8 +96,9 @@ class Ops(Protocol):
     ) -> Tensor: ...
 
     def scope(self, decode: bool = False) -> AbstractContextManager[None]:
-        """Entered around every forward; `decode`: its layers run as `decode_layers` / `decode_layer` calls
-        (the cpu backend then pins torch to one thread: the compiled layers' pool owns the cores)."""
+        """Entered around every forward; `decode`: a step of a few rows, whose layers run as `decode_layers` /
+        `decode_layer` calls or GEMVs on their pool (the cpu backend then pins torch to one thread: that pool owns
+        the cores)."""
         ...
 
     # A whole decode layer in one call (`kernels.native.decode_layer`'s signature), or None: the model then

@@ -353,7 +353,7 @@ class Llama(nn.Module):
         """
         x, h = self.tok_embeddings(tokens), None  # (M, d)
         native, kept = self._native_decode(x, step, k_cache), False
-        with self.ops.scope(native):
+        with self.ops.scope(native or x.shape[0] <= 8):  # a few rows: GEMVs on the compiled layers' pool
             cos_sin = self.rope_cos_sin[step.positions]  # (M, hd/2, 2)
             ad = step.adapters
             # nothing to compute (decode, or a prefill without PARA rows): every layer's vectors come from
