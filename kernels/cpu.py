@@ -72,7 +72,7 @@ def blas_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     M, N = x2.shape[0], w.shape[0]
-    if M > GEMV_ROWS:
+    if M > GEMV_ROWS or M == 0:
         return F.linear(x, w)
     if not x2.is_contiguous():
         x2 = x2.contiguous()

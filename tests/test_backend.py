@@ -150,6 +150,8 @@ def test_blas_linear_is_used_for_inference_and_matches_the_twin(monkeypatch):
         with torch.no_grad():
             assert cpu._blas_ok(x, w)
             assert_close(cpu.blas_linear(x, w), torch.nn.functional.linear(x, w), PATH)
+    with torch.no_grad():  # no rows (a rank's empty share): an empty result, not the GEMV's row-count error
+        assert cpu.blas_linear(torch.empty(0, 100), w).shape == (0, 37)
     x3 = torch.randn(3, 100, generator=g)
     with monkeypatch.context() as m:  # a few rows where the compiled library did not build: numpy's GEMVs
         m.setattr(cpu.native, "available", lambda: False)
