@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import reference
-from kernels.native import MAX_HEAD_DIM, MAX_LORA_RANK
+from kernels.native import MAX_HEAD_DIM, MAX_LORA_RANK, MAX_ROWS
 from kernels.ops import TORCH_OPS, Ops, get_ops
 from model.args import ModelArgs
 from model.checks import check_adapter, check_prompt_lens, check_tensors
@@ -353,7 +353,7 @@ class Llama(nn.Module):
         """
         x, h = self.tok_embeddings(tokens), None  # (M, d)
         native, kept = self._native_decode(x, step, k_cache), False
-        with self.ops.scope(native or x.shape[0] <= 8):  # a few rows: GEMVs on the compiled layers' pool
+        with self.ops.scope(native or x.shape[0] <= MAX_ROWS):  # a few rows: GEMVs on the compiled layers' pool
             cos_sin = self.rope_cos_sin[step.positions]  # (M, hd/2, 2)
             ad = step.adapters
             # nothing to compute (decode, or a prefill without PARA rows): every layer's vectors come from
@@ -409,7 +409,7 @@ class Llama(nn.Module):
         return (
             self.ops.decode_layer is not None
             and step.max_rows == 1
-            and x.shape[0] == step.block_tables.shape[0] <= 8
+            and x.shape[0] == step.block_tables.shape[0] <= MAX_ROWS
             and self.args.head_dim <= MAX_HEAD_DIM
             and x.dtype == k_cache.dtype == torch.float32
             and x.device.type == "cpu"

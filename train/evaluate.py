@@ -39,7 +39,7 @@ def batch_loss(model: Any, adapter: Any, batch: Batch) -> torch.Tensor:
     h = model.hidden_states(batch.tokens, adapter=adapter, prompt_lens=batch.prompt_lens)  # (B, T, d)
     scored = batch.targets != IGNORE
     logits = model.logits(h[scored])  # (n_scored, V)
-    return F.cross_entropy(logits.float(), batch.targets[scored], reduction="sum")
+    return F.cross_entropy(logits, batch.targets[scored], reduction="sum")  # logits are fp32
 
 
 @torch.no_grad()
