@@ -10,8 +10,20 @@ import pytest
 
 from model import Llama
 from tests.helpers import random_meta_state_dict, train_sentencepiece, write_meta_dir
-from train.config import DEFAULT_LR, SHORT_ANSWER_LR
-from train.suite import SuiteConfig, cell_stats, format_table, main, paired, para_wins, parameter_budgets, run_lr
+from train import suite
+from train.config import DEFAULT_LR, SHORT_ANSWER_LR, FinetuneConfig
+from train.suite import (
+    SuiteConfig,
+    cell_stats,
+    format_table,
+    main,
+    paired,
+    para_wins,
+    parameter_budgets,
+    run_budget,
+    run_lr,
+)
+from train.tasks import TASKS
 
 # the finetune tests' tiny shape, with room for the tasks' prompts under a 400-piece tokenizer
 PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32, "max_seq_len": 512}
@@ -170,6 +182,29 @@ def test_run_lr_per_task_kind():
     assert run_lr(config, "boolq", "lora") == SHORT_ANSWER_LR["lora"] != DEFAULT_LR["lora"]
     assert run_lr(config, "hsm", "lora") == DEFAULT_LR["lora"] and run_lr(config, "copa", "para") == DEFAULT_LR["para"]
     assert run_lr(SuiteConfig("unused", finetune={"lr": 5e-4}), "boolq", "para") == 5e-4
+
+
+def test_run_budget_per_task(tmp_path, monkeypatch):
+    """COPA (budget_scale 3) trains three times --max-steps (else --epochs); the other tasks exactly that, and
+    train_one hands that length to finetune."""
+    config = SuiteConfig(str(tmp_path), finetune={"max_steps": 64, "batch_size": 8})
+    assert TASKS["copa"].budget_scale == 3
+    assert run_budget(config, "copa") == {"max_steps": 192} and run_budget(config, "hsm") == {"max_steps": 64}
+    assert run_budget(SuiteConfig("unused"), "copa") == {"epochs": 3 * FinetuneConfig.epochs}
+    assert run_budget(SuiteConfig("unused", finetune={"epochs": 2}), "squad") == {"epochs": 2}
+
+    seen = []
+
+    def fake_finetune(fc, model, metric):
+        seen.append((fc.max_steps, fc.epochs, fc.batch_size))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(suite, "finetune", fake_finetune)
+    paths = {s: tmp_path / f"{s}.jsonl" for s in ("train", "dev", "test")}
+    for task in ("copa", "q2sql"):
+        with pytest.raises(RuntimeError, match="stop here"):
+            suite.train_one(None, config, task, "para", 0, paths, None)
+    assert seen == [(192, FinetuneConfig.epochs, 8), (64, FinetuneConfig.epochs, 8)]
 
 
 def test_bad_arguments(tmp_path, capsys):

@@ -14,6 +14,7 @@ Budgets: PARA at `--para-r` (12); LoRA (on `--lora-targets`, default q_proj,v_pr
 closest to PARA's (`--lora-r` overrides); (IA)³ has no rank and is far smaller. The counts are printed.
 Learning rates: --lr for every run when given; otherwise each method's DEFAULT_LR (train/config.py, from the lr
 sweep), and SHORT_ANSWER_LR on tasks whose answers are a word or two (BoolQ).
+Steps: --max-steps (else --epochs) times the task's `budget_scale` (COPA: 3; the others 1), for every method.
 Zero-shot: the base model, beam search (width `--beams`), no adapter, up to the longest test response + 8 tokens
 (room for a preamble), the first non-empty line of the output scored by the task's metric.
 Prompts go through the model's chat template when its tokenizer has one (`--chat` / `--no-chat` force it), for the
@@ -153,6 +154,7 @@ def check_settings(config: SuiteConfig) -> None:
         "finetune": finetune_args,
         "default_lr": DEFAULT_LR,
         "short_answer_lr": SHORT_ANSWER_LR,
+        "budget_scale": {t.name: t.budget_scale for t in TASKS.values() if t.budget_scale != 1},
     }
     settings = json.loads(json.dumps(settings))  # tuples as lists, as read back
     if not path.exists():
@@ -205,6 +207,14 @@ def run_lr(config: SuiteConfig, task: str, method: str) -> float:
     return (SHORT_ANSWER_LR if TASKS[task].short_answer else DEFAULT_LR)[method]
 
 
+def run_budget(config: SuiteConfig, task: str) -> dict[str, int]:
+    """The run's length: --max-steps (else --epochs) times the task's `budget_scale`, the same for every method."""
+    scale = TASKS[task].budget_scale
+    if config.finetune.get("max_steps") is not None:
+        return {"max_steps": int(config.finetune["max_steps"]) * scale}
+    return {"epochs": int(config.finetune.get("epochs", FinetuneConfig.epochs)) * scale}
+
+
 def train_one(
     model: Any, config: SuiteConfig, task: str, method: str, seed: int, paths: dict[str, Path], rank: int | None
 ) -> dict[str, Any]:
@@ -232,7 +242,12 @@ def train_one(
         resume=(out / "last").exists(),
         progress=config.progress,
         lr=run_lr(config, task, method),
-        **{k: v for k, v in config.finetune.items() if k != "lr" and (method == "para" or k not in PARA_ONLY)},
+        **run_budget(config, task),
+        **{
+            k: v
+            for k, v in config.finetune.items()
+            if k not in ("lr", "max_steps", "epochs") and (method == "para" or k not in PARA_ONLY)
+        },
     )
     t0 = time.perf_counter()
     result: FinetuneResult = finetune(fc, model=model, metric=TASKS[task].metric)

@@ -63,6 +63,8 @@ class Task(ABC):
     description: str = ""
     metric: Metric = staticmethod(accuracy)  # type: ignore[assignment]
     short_answer: bool = False  # answers of a word or two: the suite trains these at SHORT_ANSWER_LR
+    budget_scale: int = 1  # passes over the data a task needs, relative to the others: the suite multiplies
+    # --max-steps (else --epochs) by it for every method alike
 
     @abstractmethod
     def sampler(self, rng: random.Random, out_dir: Path) -> Sampler:
