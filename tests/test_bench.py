@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import decode, gguf_writer, llamacpp, measure, parallama_rows, peers, report
+from bench import decode, gemm_ab, gguf_writer, llamacpp, measure, parallama_rows, peers, report
 from bench import kernels as bk
 from infer.engine import Engine
 from infer.sampling import SamplingParams
@@ -273,6 +273,22 @@ def test_plot_without_matplotlib(monkeypatch, capsys, tmp_path):
     assert report.plot([fake("parallama", "base", 1.0)], tmp_path / "x.png") is False
     assert report.MPL_MISSING in capsys.readouterr().out
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.skipif(not gemm_ab.available(), reason="torch without MKL's packed GEMM")
+def test_gemm_ab_packed_products_match(tiny):
+    """The packed-once GEMM gives F.linear's products (the bench checks before it times) for every projection."""
+    weights = gemm_ab.layer_weights(tiny)
+    assert len(weights) == tiny.args.n_layers and [w.shape for w in weights[0]] == [
+        (tiny.args.q_dim + 2 * tiny.args.kv_dim, tiny.args.dim),
+        (tiny.args.dim, tiny.args.q_dim),
+        (2 * tiny.args.ffn_dim, tiny.args.dim),
+        (tiny.args.dim, tiny.args.ffn_dim),
+    ]
+    result = gemm_ab.measure(weights, rows=13, rounds=2)
+    assert result["max_rel_diff"] <= PATH.bound and result["rows"] == 13 and result["rounds"] == 2
+    assert result["unpacked_ms"] > 0 and result["packed_ms"] > 0 and result["speedup"] > 0
+    assert gemm_ab.main(["--rows", "0"]) == 2
 
 
 def test_compiled_step_falls_back(tiny, capsys):
