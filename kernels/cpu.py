@@ -8,13 +8,14 @@ after each call, and measured on a 2-core Xeon they slowed every torch op of a p
 step after it (bench/results/decode_cpu.md). One pool per forward owns the cores: `scope(decode=True)`
 leaves torch one intra-op thread while the compiled layers run.
 
-The small ops are rewritten for fewer dispatches per layer: after a GEMV has streamed megabytes of weights
-every small op runs with cold caches (measured: 2-4x its warm cost), so each one saved counts. RMSNorm is
-torch's one-call `F.rms_norm` (a decode row: numpy), RoPE one complex multiply over Q and K together, KV writes
-`index_copy_`, the SwiGLU and scale epilogues in place on the BLAS output, gate and up one GEMM over the stacked
-w1 | w3. Attention reads a lone sequence's K/V in place when its blocks are consecutive (`StepBatch.contiguous_kv`,
-decided once per step, not per layer; else one `index_select`) and runs a GQA-folded SDPA instead of the
-reference's padded query grid and general mask; a prefill of whole prompts runs one causal SDPA per prompt.
+The small ops are rewritten for fewer dispatches per layer: after a GEMV has streamed megabytes of weights every
+small op runs with cold caches (measured: 2-4x its warm cost), so each one saved counts. The residual add and
+RMSNorm are one C pass per row (`native.add_rms_norm`; torch's `F.rms_norm` without the library), RoPE one complex
+multiply over Q and K together, KV writes `index_copy_`, the SwiGLU and scale epilogues in place on the BLAS
+output, gate and up one GEMM over the stacked w1 | w3. Attention reads a lone sequence's K/V in place when its
+blocks are consecutive (`StepBatch.contiguous_kv`, decided once per step, not per layer; else one `index_select`)
+and runs a GQA-folded SDPA instead of the reference's padded query grid and general mask; a prefill of whole
+prompts runs one causal SDPA per prompt.
 
 Only inference takes this path: a GEMM whose inputs need gradients, or that is not fp32 on CPU, runs the
 PyTorch twin (`reference.py`), so results agree with the twin up to fp32 summation order.
@@ -154,24 +155,35 @@ def _stacked(w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor | None:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`reference.rms_norm` as one op (fp32/fp64, where the twin's cast round-trip is a no-op); a decode
-    step's single row through numpy (a dot product and two multiplies: ~5 µs instead of torch's ~9)."""
+    """`reference.rms_norm` as one op (fp32/fp64, where the twin's cast round-trip is a no-op): fp32 in one C
+    pass per row (`native.add_rms_norm`), else torch's one-call `F.rms_norm`."""
     if x.dtype not in _EXACT or weight.dtype != x.dtype:
         return reference.rms_norm(x, weight, eps)
-    if x.numel() == x.shape[-1] and _blas_ok(x, weight) and x.is_contiguous():
-        xn, wn = _array(x).reshape(-1), _weight_array(weight)
-        out = np.multiply(xn, wn)
-        out *= 1.0 / np.sqrt(np.dot(xn, xn) / xn.shape[0] + eps)
-        return torch.from_numpy(out).view(x.shape)
+    if _native_norm_ok(x, weight):
+        return native.add_rms_norm(x, None, weight, eps)[0]
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`reference.add_rms_norm` with this backend's RMSNorm."""
+    """`reference.add_rms_norm`: fp32 as one C pass per row (torch's add and RMSNorm are six passes over a
+    prefill's rows, with their temporaries), else the add and this backend's RMSNorm."""
+    if _native_norm_ok(x, weight) and residual.shape == x.shape and _native_norm_ok(residual, weight):
+        return native.add_rms_norm(x, residual, weight, eps)
     h = x + residual
     return rms_norm(h, weight, eps), h
+
+
+def _native_norm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        _blas_ok(x, weight)
+        and x.is_contiguous()
+        and weight.is_contiguous()
+        and weight.shape == x.shape[-1:]
+        and x.numel() > 0
+        and native.available()
+    )
 
 
 def write_kv(

@@ -135,6 +135,8 @@ def library() -> Any:
     lib.pl_decode_layers.argtypes = [ctypes.POINTER(_Layer), _i64]
     lib.pl_decode_layers.restype = ctypes.c_int
     lib.pl_decode_layer_work.argtypes = [_i64] * 6
+    lib.pl_add_rms_norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
+    lib.pl_add_rms_norm.restype = ctypes.c_int
     lib.pl_decode_layer_work.restype = _i64
     _lib = lib
     return lib
@@ -328,3 +330,16 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if library().pl_linear(_p(x), _p(w), _p(y), M, w.shape[0], K) != 0:
         raise ValueError(f"linear: {M} rows (at most {MAX_ROWS})")
     return y
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual) · weight, x + residual) for contiguous fp32 x, residual (..., d) and weight (d,),
+    in one pass per row on the calling thread (residual None: the norm of x, and x itself)."""
+    d = x.shape[-1]
+    y = torch.empty_like(x)
+    h = x if residual is None else torch.empty_like(x)
+    if library().pl_add_rms_norm(_p(x), _p(residual), _p(weight), _p(h), _p(y), x.numel() // d, d, eps) != 0:
+        raise ValueError(f"add_rms_norm: bad shape {tuple(x.shape)}")
+    return y, h

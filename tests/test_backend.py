@@ -213,7 +213,7 @@ def test_cpu_small_ops_match_the_twins():
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(3, 5, 100, generator=g), torch.randn(100, generator=g)
     assert_close(cpu.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5), PATH)
-    for row in (x[0, :1], x[1, 2], x[None, 2, 4:5]):  # one row (a decode step's): the numpy form
+    for row in (x[0, :1], x[1, 2], x[None, 2, 4:5]):  # one row (a decode step's)
         assert_close(cpu.rms_norm(row, w, 1e-5), reference.rms_norm(row, w, 1e-5), PATH)
     xb = x.bfloat16()  # not an exact dtype for the rewrite: the twin runs
     assert torch.equal(cpu.rms_norm(xb, w.bfloat16(), 1e-5), reference.rms_norm(xb, w.bfloat16(), 1e-5))

@@ -312,3 +312,36 @@ def test_decode_stack_follows_a_new_kv_pool(calls):
     assert model._stack is not first
     for g, w in zip(again, want):
         assert_close(g, w, MODEL_PATH)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 274])
+def test_add_rms_norm_equals_the_twin(rows):
+    """One C pass per row: h is x + residual exactly, the norm equals the twin's; without a residual, the norm
+    of x. Negative control: the norm of x alone is far from that of x + residual."""
+    from kernels import reference
+
+    g = torch.Generator().manual_seed(rows)
+    x, r, w = torch.randn(rows, 576, generator=g), torch.randn(rows, 576, generator=g), torch.randn(576, generator=g)
+    y, h = native.add_rms_norm(x, r, w, 1e-5)
+    want_y, want_h = reference.add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(h, want_h)
+    assert_close(y, want_y, PATH)
+    assert_far(y, reference.rms_norm(x, w, 1e-5), PATH)
+    alone, same = native.add_rms_norm(x, None, w, 1e-5)
+    assert same is x
+    assert_close(alone, reference.rms_norm(x, w, 1e-5), PATH)
+
+
+def test_cpu_backend_takes_the_c_norm(monkeypatch):
+    """The cpu backend's add_rms_norm is one C pass for contiguous fp32 rows; strided views are added by torch
+    first (the norm of that contiguous sum is the C pass again); grad-tracking inputs stay on torch."""
+    from kernels import cpu
+
+    real, calls = native.add_rms_norm, []
+    monkeypatch.setattr(native, "add_rms_norm", lambda *a: calls.append(a[1] is not None) or real(*a))
+    x, r, w = torch.randn(4, 64), torch.randn(4, 64), torch.randn(32)
+    cpu.add_rms_norm(x[:, :32].contiguous(), r[:, :32].contiguous(), w, 1e-5)
+    cpu.add_rms_norm(x[:, ::2], r[:, ::2], w, 1e-5)
+    cpu.rms_norm(x[:, :32].contiguous(), w, 1e-5)
+    cpu.add_rms_norm(x[:, ::2].contiguous().requires_grad_(), r[:, ::2].contiguous(), w, 1e-5)
+    assert calls == [True, False, False]

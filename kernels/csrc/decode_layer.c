@@ -332,3 +332,23 @@ int pl_linear(const float *x, const float *w, float *y, int64_t rows, int64_t n_
     linear(w, n_out, k, x, k, y, rows);
     return 0;
 }
+
+/* h = x + residual (residual NULL: h = x, not written) and y = RMSNorm(h) · w, row by row in one pass over
+   each row on the calling thread: a prefill's add + norm without torch's five passes and their temporaries. */
+int pl_add_rms_norm(const float *x, const float *residual, const float *w, float *h, float *y, int64_t rows,
+                    int64_t d, float eps) {
+    if (rows < 0 || d < 1) return 1;
+    for (int64_t m = 0; m < rows; m++) {
+        const float *xm = x + m * d;
+        const float *hm = xm;
+        if (residual != NULL) {
+            const float *rm = residual + m * d;
+            float *out = h + m * d;
+#pragma omp simd
+            for (int64_t i = 0; i < d; i++) out[i] = xm[i] + rm[i];
+            hm = out;
+        }
+        rms_norm_row(hm, w, y + m * d, d, eps);
+    }
+    return 0;
+}
