@@ -10,12 +10,12 @@ leaves torch one intra-op thread while the compiled layers run.
 
 The small ops are rewritten for fewer dispatches per layer: after a GEMV has streamed megabytes of weights every
 small op runs with cold caches (measured: 2-4x its warm cost), so each one saved counts. The residual add and
-RMSNorm are one C pass per row (`native.add_rms_norm`; torch's `F.rms_norm` without the library), RoPE one complex
-multiply over Q and K together, KV writes `index_copy_`, the SwiGLU and scale epilogues in place on the BLAS
-output, gate and up one GEMM over the stacked w1 | w3. Attention reads a lone sequence's K/V in place when its
-blocks are consecutive (`StepBatch.contiguous_kv`, decided once per step, not per layer; else one `index_select`)
-and runs a GQA-folded SDPA instead of the reference's padded query grid and general mask; a prefill of whole
-prompts runs one causal SDPA per prompt.
+RMSNorm are one C pass per row (`native.add_rms_norm`; torch's `F.rms_norm` without the library), and so are RoPE
+of Q and K with the KV write (`native.rope_write_kv`; without the library one complex multiply and `index_copy_`),
+the SwiGLU and scale epilogues in place on the BLAS output, gate and up one GEMM over the stacked w1 | w3.
+Attention reads a lone sequence's K/V in place when its blocks are consecutive (`StepBatch.contiguous_kv`, decided
+once per step, not per layer; else one `index_select`) and runs a GQA-folded SDPA instead of the reference's padded
+query grid and general mask; a prefill of whole prompts runs one causal SDPA per prompt.
 
 Only inference takes this path: a GEMM whose inputs need gradients, or that is not fp32 on CPU, runs the
 PyTorch twin (`reference.py`), so results agree with the twin up to fp32 summation order.
@@ -205,7 +205,20 @@ def rope_write_kv(
     n_heads: int,
     n_kv_heads: int,
 ) -> torch.Tensor:
-    """`reference.rope_write_kv` with this backend's RoPE and KV write."""
+    """`reference.rope_write_kv`: fp32 as one C pass per row (`native.rope_write_kv`), else this backend's RoPE
+    and KV write."""
+    tensors = (qkv, cos_sin, k_cache, v_cache)
+    if (
+        native.available()
+        and all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in tensors)
+        and slots.dtype == torch.int64
+        and slots.is_contiguous()
+        and qkv.dim() == 2
+        and cos_sin.shape == (qkv.shape[0], k_cache.shape[-1] // 2, 2)
+        and qkv.shape[1] == (n_heads + 2 * n_kv_heads) * k_cache.shape[-1]
+        and not (torch.is_grad_enabled() and qkv.requires_grad)
+    ):
+        return native.rope_write_kv(qkv, cos_sin, k_cache, v_cache, slots, n_heads, n_kv_heads)
     return reference.rope_write_kv(qkv, cos_sin, k_cache, v_cache, slots, n_heads, n_kv_heads, rope, write_kv)
 
 

@@ -137,6 +137,8 @@ def library() -> Any:
     lib.pl_decode_layer_work.argtypes = [_i64] * 6
     lib.pl_add_rms_norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
     lib.pl_add_rms_norm.restype = ctypes.c_int
+    lib.pl_rope_write_kv.argtypes = [_ptr] * 6 + [_i64] * 4
+    lib.pl_rope_write_kv.restype = ctypes.c_int
     lib.pl_decode_layer_work.restype = _i64
     _lib = lib
     return lib
@@ -343,3 +345,22 @@ def add_rms_norm(
     if library().pl_add_rms_norm(_p(x), _p(residual), _p(weight), _p(h), _p(y), x.numel() // d, d, eps) != 0:
         raise ValueError(f"add_rms_norm: bad shape {tuple(x.shape)}")
     return y, h
+
+
+def rope_write_kv(
+    qkv: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+) -> torch.Tensor:
+    """`reference.rope_write_kv` for contiguous fp32 qkv (M, (H + 2 H_kv) hd), cos_sin (M, hd/2, 2), caches
+    (N, bs, H_kv, hd) and int64 slots (M,): one pass per row on the calling thread; returns Q (M, H, hd)."""
+    M, hd = qkv.shape[0], cos_sin.shape[-2] * 2
+    q = torch.empty(M, n_heads, hd, dtype=qkv.dtype)
+    ptrs = (_p(qkv), _p(cos_sin), _p(k_cache), _p(v_cache), _p(slots), _p(q))
+    if library().pl_rope_write_kv(*ptrs, M, n_heads, n_kv_heads, hd) != 0:
+        raise ValueError(f"rope_write_kv: bad head size {hd}")
+    return q

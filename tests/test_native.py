@@ -345,3 +345,46 @@ def test_cpu_backend_takes_the_c_norm(monkeypatch):
     cpu.rms_norm(x[:, :32].contiguous(), w, 1e-5)
     cpu.add_rms_norm(x[:, ::2].contiguous().requires_grad_(), r[:, ::2].contiguous(), w, 1e-5)
     assert calls == [True, False, False]
+
+
+@pytest.mark.parametrize("M,H,H_kv,hd", [(1, 9, 3, 64), (17, 6, 2, 48), (274, 9, 3, 64)])
+def test_rope_write_kv_equals_the_twin(M, H, H_kv, hd):
+    """Q returned rotated, K rotated and V copied into their slots, every other slot and qkv itself untouched;
+    the cpu backend takes this path. Negative control: K one slot off is caught by the same comparison."""
+    from kernels import cpu, reference
+
+    g = torch.Generator().manual_seed(M)
+    qkv = torch.randn(M, (H + 2 * H_kv) * hd, generator=g)
+    inv = reference.rope_frequencies(hd, 10000.0)
+    cs = reference.rope_table(inv, 600)[torch.randint(0, 600, (M,), generator=g)]
+    n_blocks, bs = M // 16 + 3, 16
+    kc, vc = torch.randn(n_blocks, bs, H_kv, hd, generator=g), torch.randn(n_blocks, bs, H_kv, hd, generator=g)
+    slots = torch.randperm(n_blocks * bs, generator=g)[:M]
+    k_want, v_want, qkv_before = kc.clone(), vc.clone(), qkv.clone()
+    q_want = reference.rope_write_kv(qkv, cs, k_want, v_want, slots, H, H_kv)
+    k_before, v_before = kc.clone(), vc.clone()
+    q = cpu.rope_write_kv(qkv, cs, kc, vc, slots, H, H_kv)
+    assert torch.equal(qkv, qkv_before) and q.shape == (M, H, hd)
+    assert_close(q, q_want, PATH)
+    assert_close(kc, k_want, PATH)
+    assert torch.equal(vc, v_want)
+    k_off, v_off = k_before.clone(), v_before.clone()
+    reference.rope_write_kv(qkv, cs, k_off, v_off, (slots + 1) % (n_blocks * bs), H, H_kv)
+    assert_far(kc, k_off, PATH)
+
+
+def test_cpu_backend_takes_the_c_rope(monkeypatch):
+    """Contiguous fp32 with int64 slots: the C pass; a strided qkv: the torch form (same result)."""
+    from kernels import cpu, reference
+
+    real, calls = native.rope_write_kv, []
+    monkeypatch.setattr(native, "rope_write_kv", lambda *a: calls.append(1) or real(*a))
+    qkv = torch.randn(5, 2 * (4 + 2 * 2) * 8)[:, ::2]  # (5, 64) strided: 4 Q, 2 K, 2 V heads of 8
+    cs = reference.rope_table(reference.rope_frequencies(8, 10000.0), 5)
+    kc, vc = torch.zeros(2, 4, 2, 8), torch.zeros(2, 4, 2, 8)
+    slots = torch.arange(5)
+    strided = cpu.rope_write_kv(qkv, cs, kc, vc, slots, 4, 2)
+    assert calls == []
+    dense = cpu.rope_write_kv(qkv.contiguous(), cs, kc, vc, slots, 4, 2)
+    assert calls == [1]
+    assert_close(dense, strided, PATH)

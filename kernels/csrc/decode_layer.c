@@ -15,6 +15,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
@@ -176,6 +177,16 @@ static void apply_lora(const Layer *L, int64_t proj, const float *x, int64_t xs,
     }
 }
 
+/* RoPE of one head: o = p rotated pair by pair (Meta's interleaved pairs) by the row's table cs (hd/2, 2);
+   o may be p. */
+static inline void rope_head(const float *p, const float *cs, float *o, int64_t half) {
+    for (int64_t i = 0; i < half; i++) {
+        float c = cs[2 * i], s = cs[2 * i + 1], x0 = p[2 * i], x1 = p[2 * i + 1];
+        o[2 * i] = x0 * c - x1 * s;
+        o[2 * i + 1] = x0 * s + x1 * c;
+    }
+}
+
 static void rms_norm_row(const float *h, const float *w, float *y, int64_t d, float eps) {
     float ss = dot(h, h, d);
     float r = 1.0f / sqrtf(ss / (float)d + eps);
@@ -252,14 +263,7 @@ int pl_decode_layer(const Layer *L) {
     for (int64_t m = 0; m < M; m++) {  /* RoPE of Q and K (interleaved pairs), K/V to the cache */
         float *r = qkv + m * qkv_dim;
         const float *cs = L->cos_sin + m * hd;
-        for (int64_t head = 0; head < H + Hkv; head++) {
-            float *p = r + head * hd;
-            for (int64_t i = 0; i < half; i++) {
-                float c = cs[2 * i], s = cs[2 * i + 1], x0 = p[2 * i], x1 = p[2 * i + 1];
-                p[2 * i] = x0 * c - x1 * s;
-                p[2 * i + 1] = x0 * s + x1 * c;
-            }
-        }
+        for (int64_t head = 0; head < H + Hkv; head++) rope_head(r + head * hd, cs, r + head * hd, half);
         int64_t slot = L->slots[m];
         float *kc = L->k_cache + slot * kv_dim, *vc = L->v_cache + slot * kv_dim;
         for (int64_t i = 0; i < kv_dim; i++) {
@@ -349,6 +353,23 @@ int pl_add_rms_norm(const float *x, const float *residual, const float *w, float
             hm = out;
         }
         rms_norm_row(hm, w, y + m * d, d, eps);
+    }
+    return 0;
+}
+
+/* RoPE of each row's Q and K heads (interleaved pairs) and the paged-cache write of K and V, on the calling
+   thread: q_out (rows, H, hd) gets the rotated Q, k_cache / v_cache (slots, H_kv, hd) the rotated K and V at
+   slots[m]. qkv (rows, (H + 2 H_kv) hd) is only read. */
+int pl_rope_write_kv(const float *qkv, const float *cos_sin, float *k_cache, float *v_cache, const int64_t *slots,
+                     float *q_out, int64_t rows, int64_t H, int64_t Hkv, int64_t hd) {
+    if (rows < 0 || hd < 2 || hd % 2) return 1;
+    const int64_t half = hd / 2, q_dim = H * hd, kv_dim = Hkv * hd, width = q_dim + 2 * kv_dim;
+    for (int64_t m = 0; m < rows; m++) {
+        const float *r = qkv + m * width, *cs = cos_sin + m * hd;
+        float *kc = k_cache + slots[m] * kv_dim, *vc = v_cache + slots[m] * kv_dim;
+        for (int64_t head = 0; head < H + Hkv; head++)
+            rope_head(r + head * hd, cs, head < H ? q_out + m * q_dim + head * hd : kc + (head - H) * hd, half);
+        memcpy(vc, r + q_dim + kv_dim, (size_t)kv_dim * sizeof(float));
     }
     return 0;
 }
