@@ -128,9 +128,14 @@ def gated_up(
     stacked = _stacked(w_gate, w_up)
     if stacked is None or not _blas_ok(x, stacked):
         return reference.gated_up(x, w_gate, w_up, scale_u, row_to_seq, matmul=blas_linear)
-    gate, up = blas_linear(x, stacked).split(w_gate.shape[0], dim=-1)  # views of a fresh (..., 2N) buffer
+    g13 = blas_linear(x, stacked)  # (..., 2N), fresh
+    gate, up = g13.split(w_gate.shape[0], dim=-1)  # views
     if scale_u is not None:
         up = _scale_(up, scale_u, row_to_seq)
+    if g13.dim() == 2 and g13.shape[0] > GEMV_ROWS and native.available():  # a prefill's rows: one C pass
+        out = native.silu_mul(g13)
+        if out is not None:
+            return out
     return F.silu(gate).mul_(up)
 
 

@@ -388,3 +388,28 @@ def test_cpu_backend_takes_the_c_rope(monkeypatch):
     dense = cpu.rope_write_kv(qkv.contiguous(), cs, kc, vc, slots, 4, 2)
     assert calls == [1]
     assert_close(dense, strided, PATH)
+
+
+@pytest.mark.parametrize("M,N", [(9, 37), (274, 1536)])
+def test_silu_mul_equals_torch(M, N):
+    """The SwiGLU epilogue's own e^x: within PATH of torch's silu(gate) · up, finite at the clamp's edges; the
+    cpu backend's gated_up takes it for a prefill's rows (PARA's up scale applied first). Negative control:
+    gate and up swapped is far."""
+    import torch.nn.functional as F
+
+    from kernels import cpu, reference
+
+    g = torch.Generator().manual_seed(N)
+    g13 = 6 * torch.randn(M, 2 * N, generator=g)
+    g13[0, :6] = torch.tensor([-100.0, -87.5, 0.0, 1e-8, 87.5, 100.0])
+    out = native.silu_mul(g13)
+    if out is None:
+        pytest.skip("the library has no AVX-512 form of silu_mul here")
+    want = F.silu(g13[:, :N]) * g13[:, N:]
+    assert torch.isfinite(out).all()
+    assert_close(out, want, PATH)
+    assert_far(out, F.silu(g13[:, N:]) * g13[:, :N], PATH)
+    x, w = torch.randn(M, 24, generator=g), torch.randn(2 * N, 24, generator=g)
+    scale = torch.rand(1, N, generator=g) + 0.5
+    w_gate, w_up = w.split(N)
+    assert_close(cpu.gated_up(x, w_gate, w_up, scale), reference.gated_up(x, w_gate, w_up, scale), PATH)

@@ -373,3 +373,45 @@ int pl_rope_write_kv(const float *qkv, const float *cos_sin, float *k_cache, flo
     }
     return 0;
 }
+
+#if defined(__AVX512F__)
+/* e^x for 16 lanes: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error
+   below 2e-7 on that range), times 2^n by scalef; x clamped to [-87, 88] (e^x underflows / overflows past it). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x); /* ln 2 in two parts: r stays exact */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* SwiGLU's epilogue: out (rows, n) = silu(g13[:, :n]) · g13[:, n:] for the stacked gate | up GEMM output
+   (rows, 2n), silu(g) = g / (1 + e^-g). Returns 1 (nothing done) without AVX-512: the caller keeps torch's
+   vectorised form rather than a scalar expf loop. */
+int pl_silu_mul(const float *g13, float *out, int64_t rows, int64_t n) {
+#if defined(__AVX512F__)
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t m = 0; m < rows; m++) {
+        const float *g = g13 + m * 2 * n, *u = g + n;
+        float *o = out + m * n;
+        for (int64_t i = 0; i < n; i += 16) {
+            __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+            __m512 gv = _mm512_maskz_loadu_ps(k, g + i), uv = _mm512_maskz_loadu_ps(k, u + i);
+            __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            _mm512_mask_storeu_ps(o + i, k, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), uv));
+        }
+    }
+    return 0;
+#else
+    (void)g13, (void)out, (void)rows, (void)n;
+    return 1;
+#endif
+}
