@@ -15,8 +15,8 @@ closest to PARA's (`--lora-r` overrides); (IA)³ has no rank and is far smaller.
 Learning rates: --lr for every run when given; otherwise each method's DEFAULT_LR (train/config.py, from the lr
 sweep), and SHORT_ANSWER_LR on tasks whose answers are a word or two (BoolQ).
 Steps: --max-steps (else --epochs) times the task's `budget_scale` (COPA: 3; the others 1), for every method.
-Zero-shot: the base model, beam search (width `--beams`), no adapter, up to the longest test response + 8 tokens
-(room for a preamble), the first non-empty line of the output scored by the task's metric.
+Zero-shot (train/zero_shot.py): the base model, beam search (width `--beams`), no adapter, up to the longest test
+response + 8 tokens (room for a preamble), the first non-empty line of the output scored by the task's metric.
 Prompts go through the model's chat template when its tokenizer has one (`--chat` / `--no-chat` force it), for the
 fine-tuned runs and the zero-shot row alike. Each cell is the mean ± std over seeds of the test score, in percent;
 with PARA and LoRA both run, a last row gives their per-seed difference (same seed, same data) and on how many
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import sys
@@ -41,14 +40,13 @@ import torch
 
 from infer.cli import ArgumentParser
 from train.config import DEFAULT_LR, DEFAULT_RANK, METHODS, SHORT_ANSWER_LR, FinetuneConfig, FinetuneResult
-from train.data import load_dataset
 from train.finetune import finetune
 from train.suite_report import LABELS, cell_stats, format_table, paired, para_wins, plot
-from train.tasks import TASKS, Task
+from train.tasks import TASKS
+from train.zero_shot import zero_shot
 from weights.io import atomic_write, read_json
 
 PARA_ONLY = ("pool_norm", "down_lr_rsqrt")  # finetune settings that only PARA runs take
-ZERO_SHOT_SLACK = 8  # extra new tokens the base model gets over the longest test response
 FINETUNE_KEYS = {f.name for f in dataclasses.fields(FinetuneConfig)} - {
     "train",
     "dev",
@@ -254,42 +252,6 @@ def train_one(
     wall = time.perf_counter() - t0
     atomic_write(out / "wall.json", json.dumps({"seconds": wall}) + "\n")
     return dataclasses.asdict(result) | {"wall_seconds": wall, "skipped": False}
-
-
-def first_line(text: str) -> str:
-    """The first non-empty line of a generation ('' when there is none)."""
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
-
-
-@torch.no_grad()
-def zero_shot(
-    model: Any, task: Task, test_path: Path, *, chat: bool, beams: int, batch_size: int, out: Path | None = None
-) -> float:
-    """Mean test metric of the base model (no adapter, beam search); predictions go to OUT/predictions.jsonl."""
-    from infer.engine import Engine
-    from infer.sampling import SamplingParams
-
-    limit = model.args.max_seq_len
-    data = load_dataset(test_path, model.tokenizer, chat=chat, max_len=limit)
-    max_new = max(e.n_targets for e in data.examples) + ZERO_SHOT_SLACK
-    prompts = [e.ids[: e.prompt_len] for e in data.examples]
-    params = [SamplingParams(max_new_tokens=max(1, min(max_new, limit - len(p))), beams=beams) for p in prompts]
-    rows, block = max(beams, batch_size * beams), 16
-    longest = max(len(p) + s.max_new_tokens for p, s in zip(prompts, params))
-    engine = Engine(model, num_blocks=rows * math.ceil(longest / block) + beams, block_size=block, max_batch=rows)
-    texts = [first_line(o.text) for o in engine.generate(prompts, params)]
-    scores = [float(task.metric(t, e.record)) for t, e in zip(texts, data.examples)]
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "predictions.jsonl").open("w") as f:
-            for t, s, e in zip(texts, scores, data.examples):
-                f.write(
-                    json.dumps(
-                        {"prompt": e.record["prompt"], "response": e.record["response"], "prediction": t, "score": s}
-                    )
-                    + "\n"
-                )
-    return sum(scores) / len(scores)
 
 
 def zero_shot_cached(model: Any, config: SuiteConfig, task: str, paths: dict[str, Path]) -> float:

@@ -46,7 +46,7 @@ class LLMAnswerer:
         self.calls = 0  # prompts generated (the expensive part)
 
     def __call__(self, queries: Sequence[Record], exemplars: Sequence[Sequence[Record]]) -> list[str]:
-        from train.suite import first_line
+        from train.zero_shot import first_line
 
         tok, limit = self.model.tokenizer, self.model.args.max_seq_len
         prompts, params = [], []
