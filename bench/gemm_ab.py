@@ -27,8 +27,6 @@ import torch.nn.functional as F
 
 from weights.io import atomic_write
 
-PROJECTIONS = ("wqkv", "wo", "w13", "w2")
-
 
 def available() -> bool:
     return bool(torch._C.has_mkl) and hasattr(torch.ops.mkl, "_mkl_linear")

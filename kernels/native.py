@@ -17,6 +17,7 @@ BLAS symbol, or with PARALLAMA_NATIVE=0, `available()` is False and the model ke
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -368,9 +369,17 @@ def rope_write_kv(
     return q
 
 
+@functools.cache
+def _has_silu_mul() -> bool:
+    """Whether the library was built with silu_mul's AVX-512 form (asked once, with no rows)."""
+    return library().pl_silu_mul(None, None, 0, 16) == 0
+
+
 def silu_mul(g13: torch.Tensor) -> torch.Tensor | None:
     """silu(gate) · up for the stacked gate | up output g13 (M, 2N), contiguous fp32, in one vectorised C pass
     (its own e^x, within 2e-7 relative of expf); None where the library has no AVX-512 form."""
+    if not _has_silu_mul():
+        return None
     M, N = g13.shape[0], g13.shape[1] // 2
     out = torch.empty(M, N, dtype=g13.dtype)
     return out if library().pl_silu_mul(_p(g13), _p(out), M, N) == 0 else None
