@@ -77,8 +77,20 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_line(f"test order: random, --randomly-seed={seed}")
 
 
+def _test_seed(config: pytest.Config) -> int:
+    return getattr(config.option, "randomly_seed", None) or 0
+
+
 @pytest.fixture(autouse=True)
 def _seed_torch(request):
     """Each test starts from the same torch RNG state whatever ran before it (pytest-randomly reseeds
     `random` and numpy alike): with its seed when it is on, so `--randomly-seed=N` repeats a failure."""
-    torch.manual_seed(getattr(request.config.option, "randomly_seed", None) or 0)
+    torch.manual_seed(_test_seed(request.config))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_fixture_setup(fixturedef, request):
+    """A module or session fixture is built before the first test that uses it is reseeded, so it would
+    draw from whatever state the test before left: reseed for it too, so it is the same in any order."""
+    if fixturedef.scope != "function":
+        torch.manual_seed(_test_seed(request.config))

@@ -58,17 +58,19 @@ def tiny_model(tokenizer: Any, dim: int = 64, seed: int = 0, max_seq_len: int = 
 
 def adapters(model: Any, seed: int = 0) -> dict[str, Any]:
     """Fresh PARA, (IA)³ and LoRA adapters with every parameter moved off its identity init, so each one
-    changes what the model writes."""
+    changes what the model writes. They depend on `seed` alone: the init's draws from the global RNG run
+    under that seed too (a module fixture is built before the per-test reseed, after whatever ran last)."""
     from model.peft import IA3Config, LoRAConfig, PARAConfig, create_adapter
 
-    g = torch.Generator().manual_seed(seed)
     out = {}
-    for name, config in (("para", PARAConfig()), ("ia3", IA3Config()), ("lora", LoRAConfig(r=4))):
-        a = create_adapter(model, config)
-        with torch.no_grad():
-            for p in a.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-        out[name] = a.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name, config in (("para", PARAConfig()), ("ia3", IA3Config()), ("lora", LoRAConfig(r=4))):
+            a = create_adapter(model, config)
+            with torch.no_grad():
+                for p in a.parameters():
+                    p.add_(torch.randn(p.shape) * 0.3)
+            out[name] = a.eval()
     return out
 
 

@@ -155,9 +155,13 @@ def test_stream_stop_string_beams_and_raw_sse(server, tiny):
     ref = Engine(model, num_blocks=64)
     ref.add_adapter("lora", regs["lora"])
     full = ref.generate(PROMPTS[2], SamplingParams(max_new_tokens=12), adapters=["lora"])[0]
-    stop = full.text[len(full.text) // 2 :][:3]  # a stop string the model will write mid-answer
+    # a stop string the model writes mid-answer: first seen after its 3rd token, so some chunks stream before it
+    start = len(ref.tokenizer.decode(full.token_ids[:3]))
+    stop = next(
+        full.text[i : i + 3] for i in range(start, len(full.text) - 3) if full.text.find(full.text[i : i + 3]) == i
+    )
     w = ref.generate(PROMPTS[2], SamplingParams(max_new_tokens=12, stop=(stop,)), adapters=["lora"])[0]
-    assert w.finish_reason == "stop" and len(w.text) < len(full.text)
+    assert w.finish_reason == "stop" and len(w.text) < len(full.text) and len(w.token_ids) >= 3
     stream = client.completions.create(
         model="lora",
         prompt=PROMPTS[2],
