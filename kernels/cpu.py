@@ -1,12 +1,13 @@
 """CPU fast path for inference: the projections on the fastest CPU BLAS at hand, and fewer, larger torch ops.
 
 A GEMM (a prefill: more than `GEMV_ROWS` rows) runs on torch's own BLAS (MKL in the x86 wheels), on torch's
-OpenMP threads; a few rows (a decode step the compiled layers do not take) run as GEMVs on the compiled
-layers' thread pool (`native.linear`), which streams weights at the machine's bandwidth where torch's GEMV
-does not. numpy's OpenBLAS is left out wherever that library builds: its idle workers spin for ~10^8 cycles
-after each call, and measured on a 2-core Xeon they slowed every torch op of a prefill and the first decode
-step after it (bench/results/decode_cpu.md). One pool per forward owns the cores: `scope(decode=True)`
-leaves torch one intra-op thread while the compiled layers run.
+OpenMP threads, over each weight packed once into MKL's layout (`mkl_gemm`) where torch has MKL; a few rows
+(a decode step the compiled layers do not take) run as GEMVs on the compiled layers' thread pool
+(`native.linear`), which streams weights at the machine's bandwidth where torch's GEMV does not. numpy's
+OpenBLAS is left out wherever that library builds: its idle workers spin for ~10^8 cycles after each call, and
+measured on a 2-core Xeon they slowed every torch op of a prefill and the first decode step after it
+(bench/results/decode_cpu.md). One pool per forward owns the cores: `scope(decode=True)` leaves torch one
+intra-op thread while the compiled layers run.
 
 The small ops are rewritten for fewer dispatches per layer: after a GEMV has streamed megabytes of weights every
 small op runs with cold caches (measured: 2-4x its warm cost), so each one saved counts. The residual add and
@@ -31,10 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels import native, reference
+from kernels import mkl_gemm, native, reference
 
 GEMV_ROWS = native.MAX_ROWS  # up to this many rows a projection runs as GEMVs (the model's few-row steps)
 GEMV_CHUNK_BYTES = 4 << 20  # weight rows per chunk of those GEMVs (2-8 MiB measured alike; 512 KiB slower)
+PACK_MIN_NUMEL = 1 << 16  # smaller weights (LoRA's A and B) are cheap to pack per call: no second copy kept
 _MAX_RUNS = 64  # more runs of rows than this (rows in no particular order): one gathered multiply instead
 _EXACT = (torch.float32, torch.float64)  # dtypes where the rewrites below match the twin's rounding
 
@@ -46,6 +48,12 @@ def _blas_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
         and w.dtype == torch.float32
         and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
     )
+
+
+def _packed_ok(w: torch.Tensor) -> bool:
+    """Whether a GEMM on w takes its packed form: a contiguous weight that is not an inference tensor (those
+    have no version counter to tell an in-place write) and big enough that packing it again per call costs."""
+    return w.numel() >= PACK_MIN_NUMEL and w.is_contiguous() and not w.is_inference() and mkl_gemm.available()
 
 
 def _array(t: torch.Tensor) -> np.ndarray:
@@ -73,6 +81,9 @@ def blas_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     M, N = x2.shape[0], w.shape[0]
+    if M > GEMV_ROWS and _packed_ok(w):
+        y = mkl_gemm.linear(x2 if x2.is_contiguous() else x2.contiguous(), w)
+        return y if x.dim() == 2 else y.view(*lead, N)
     if M > GEMV_ROWS or M == 0:
         return F.linear(x, w)
     if not x2.is_contiguous():

@@ -1,0 +1,93 @@
+"""A prefill's GEMMs with each weight packed once: MKL's `cblas_sgemm_compute` over `cblas_sgemm_pack`'s form.
+
+`F.linear` on CPU calls MKL's sgemm, which copies the weight operand into its panel layout in every call: for a
+prompt of a few hundred tokens that copy is a sixth of the GEMM's time (bench/gemm_ab.py). Packed once, the
+weight is reused by every prefill, whatever its row count (the packed size does not depend on it; torch's own
+packed path, `torch.ops.mkl._mkl_linear`, only accepts the row count it was packed for). On a Xeon the products
+equal `F.linear`'s bit for bit at every prefill row count tried (9-2000): the same kernels on the same panels.
+
+The functions are MKL's own, in the libtorch_cpu.so that x86 torch wheels link MKL into statically, so they
+run on the same OpenMP threads as every other torch op. A packed weight is cached on the tensor and remade when
+its storage moves or it is written in place (`_version`); it costs about the weight's size again in memory
+(SmolLM2's layers: +376 MiB resident after the first prefill).
+PARALLAMA_PACKED_GEMM=0 turns the path off; without MKL's symbols (another BLAS, another platform) it is off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+_ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162  # mkl_cblas.h's enum values
+# MKL picks the panel layout (and so the kernels) by the row count it is told at packing: a layout packed for
+# 1, 17 or 4096 rows is no faster than F.linear on a prompt; any of 128-512 is 1.2-1.4x on 20-512 rows
+PACK_ROWS = 256
+_I, _P, _F = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+
+
+@functools.cache
+def _mkl() -> ctypes.CDLL | None:
+    """torch's libtorch_cpu.so with MKL's pack/compute symbols typed, or None where it has none."""
+    if os.environ.get("PARALLAMA_PACKED_GEMM", "1") == "0" or not torch.backends.mkl.is_available():
+        return None
+    path = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        lib = ctypes.CDLL(str(path))  # already loaded by `import torch`: the same copy of MKL
+        get_size, pack, compute = lib.cblas_sgemm_pack_get_size, lib.cblas_sgemm_pack, lib.cblas_sgemm_compute
+    except (OSError, AttributeError):
+        return None
+    get_size.argtypes, get_size.restype = [_I, _I, _I, _I], ctypes.c_size_t
+    pack.argtypes, pack.restype = [_I, _I, _I, _I, _I, _I, _F, _P, _I, _P], None
+    compute.argtypes, compute.restype = [_I, _I, _I, _I, _I, _I, _P, _I, _P, _I, _F, _P, _I], None
+    return lib
+
+
+def available() -> bool:
+    return _mkl() is not None
+
+
+def pack(w: torch.Tensor) -> torch.Tensor:
+    """w (N, K), contiguous fp32, as the packed B operand of x @ wᵀ (a flat fp32 buffer in MKL's own layout)."""
+    lib = _mkl()
+    if lib is None:
+        raise RuntimeError("pack: MKL's packed GEMM is not available (PARALLAMA_PACKED_GEMM=0 or no MKL in torch)")
+    if w.dim() != 2 or w.dtype != torch.float32 or not w.is_contiguous():
+        raise ValueError(f"pack: the weight must be a contiguous 2-D fp32 tensor, got {w.dtype} {tuple(w.stride())}")
+    n, k = w.shape
+    size = lib.cblas_sgemm_pack_get_size(_B_MATRIX, PACK_ROWS, n, k)  # bytes; the same for every row count
+    buf = torch.empty((size + 3) // 4, dtype=torch.float32)
+    lib.cblas_sgemm_pack(_ROW_MAJOR, _B_MATRIX, _TRANS, PACK_ROWS, n, k, 1.0, w.data_ptr(), k, buf.data_ptr())
+    return buf
+
+
+def packed(w: torch.Tensor) -> torch.Tensor:
+    """`pack(w)`, made once per tensor and remade when w's storage moved or it was written in place."""
+    key = (w.data_ptr(), w._version)
+    hit = getattr(w, "_mkl_packed", None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    w._mkl_packed = None  # the stale buffer goes before the new one is made: never two in memory
+    buf = pack(w.detach())
+    w._mkl_packed = (key, buf)
+    return buf
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ wᵀ for contiguous fp32 x (M, K) and w (N, K), on w's packed form (made on the first call)."""
+    if w.shape[1] != x.shape[1] or not x.is_contiguous() or x.dtype != torch.float32:
+        raise ValueError(f"linear: x {tuple(x.shape)} {x.dtype} against w {tuple(w.shape)}")
+    return compute(x, packed(w), w.shape[0])
+
+
+def compute(x: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
+    """x (M, K) @ the packed weight b of n outputs: MKL's compute step alone (the caller checked x)."""
+    M, K = x.shape
+    y = torch.empty(M, n, dtype=torch.float32)
+    _mkl().cblas_sgemm_compute(
+        _ROW_MAJOR, _NO_TRANS, _PACKED, M, n, K, x.data_ptr(), K, b.data_ptr(), n, 0.0, y.data_ptr(), n
+    )
+    return y
