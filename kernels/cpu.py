@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels import mkl_gemm, native, reference
+from kernels import mkl_gemm, native, native_attention, reference
 
 GEMV_ROWS = native.MAX_ROWS  # up to this many rows a projection runs as GEMVs (the model's few-row steps)
 GEMV_CHUNK_BYTES = 4 << 20  # weight rows per chunk of those GEMVs (2-8 MiB measured alike; 512 KiB slower)
@@ -279,7 +279,7 @@ def paged_attention(
                 k = k_cache.index_select(0, block_tables[0]).flatten(0, 1)[None, :L]
                 v = v_cache.index_select(0, block_tables[0]).flatten(0, 1)[None, :L]
             if M == L:
-                return reference.attention(q[None], k, v, causal=True)[0]
+                return _prompt_attention(q, k, v)
             out = F.scaled_dot_product_attention(q.view(1, n_kv, g, hd), k.transpose(1, 2), v.transpose(1, 2))
             return out.reshape(M, H, hd)
     elif max_rows == 1 and M == S:  # decode: row s is sequence s's newest token, its K/V already written
@@ -299,12 +299,22 @@ def paged_attention(
         for s, n in enumerate(seq_lens.tolist()):
             k = k_cache.index_select(0, block_tables[s]).flatten(0, 1)[None, :n]  # (1, n, H_kv, hd)
             v = v_cache.index_select(0, block_tables[s]).flatten(0, 1)[None, :n]
-            out.append(reference.attention(q[None, start : start + n], k, v, causal=True)[0])
+            out.append(_prompt_attention(q[start : start + n], k, v))
             start += n
         return torch.cat(out)
     return reference.paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, positions, row_to_seq, row_index, max_rows
     )
+
+
+def _prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of one whole prompt, q (n, H, hd) over its K/V (1, n, H_kv, hd): the compiled flash
+    kernel on torch's OpenMP threads for fp32 (`native_attention`), else the twin's SDPA."""
+    if q.dtype == torch.float32 and k.dtype == torch.float32 and not (torch.is_grad_enabled() and q.requires_grad):
+        out = native_attention.causal_attention(q.contiguous(), k[0].contiguous(), v[0].contiguous())
+        if out is not None:
+            return out
+    return reference.attention(q[None], k, v, causal=True)[0]
 
 
 def _whole_prompts_in_order(

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "decode_layer.c"
-HEADERS = (SOURCE.with_name("pool.h"),)  # included by SOURCE: part of the build's cache key
+HEADERS = (SOURCE.with_name("pool.h"), SOURCE.with_name("simd.h"))  # included by SOURCE: in the build's cache key
 MAX_ROWS = 8  # MAX_ROWS in the C source
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-pthread", "-shared", "-fPIC", "-std=c11"]
 
@@ -79,24 +79,25 @@ def _cpu_id() -> str:
     return flags
 
 
-def _build() -> Path:
+def _build(source: Path = SOURCE, headers: Sequence[Path] = HEADERS, flags: Sequence[str] = FLAGS) -> Path:
+    """The shared library of `source` (its headers and flags in the cache key), compiled once per CPU."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc / gcc / $CC) on PATH")
-    src = b"".join(p.read_bytes() for p in (SOURCE, *HEADERS))
+    src = b"".join(p.read_bytes() for p in (source, *headers))
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(src + " ".join([cc, *FLAGS, version, _cpu_id()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + " ".join([cc, *flags, version, _cpu_id()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("PARALLAMA_CACHE") or Path.home() / ".cache" / "parallama")
-    lib = cache / f"decode_layer-{key}.so"
+    lib = cache / f"{source.stem}-{key}.so"
     if lib.exists():
         return lib
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        done = subprocess.run([cc, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {done.stderr.strip().splitlines()[-1:]}")
+            raise RuntimeError(f"{cc} failed on {source.name}: {done.stderr.strip().splitlines()[-1:]}")
         os.replace(tmp, lib)  # atomic: a concurrent builder finds a whole library or none
     finally:
         if os.path.exists(tmp):

@@ -314,16 +314,26 @@ def test_stacked_weights_keep_metas_names():
     assert torch.equal(a(tokens), b(tokens))
 
 
+@pytest.mark.parametrize("hd", [8, 32])
 @pytest.mark.parametrize("lens", [[21], [7, 16, 1, 30]])
-def test_cpu_paged_attention_matches_the_twin(lens):
+def test_cpu_paged_attention_matches_the_twin(lens, hd, monkeypatch):
     """Decode (one row per sequence; a partly filled last block; ragged lengths) and one-sequence prefill
     take the cpu backend's direct forms (a lone sequence's consecutive blocks read in place, the prefill
-    then too); a prefill of several whole prompts runs one causal SDPA per sequence; a step mixing a
-    prompt with another sequence's decode row falls back to the twin."""
-    from kernels import cpu, reference
+    then too); a prefill of several whole prompts runs one causal attention per sequence (the compiled one
+    where it builds and hd is a multiple of 16, else SDPA); a step mixing a prompt with another sequence's
+    decode row falls back to the twin."""
+    from kernels import cpu, native_attention, reference
 
+    compiled, real = [], native_attention.causal_attention
+
+    def spy(*a):
+        out = real(*a)
+        compiled.append(out is not None)
+        return out
+
+    monkeypatch.setattr(native_attention, "causal_attention", spy)
     g = torch.Generator().manual_seed(len(lens))
-    H, n_kv, hd, bs = 6, 2, 8, 4
+    H, n_kv, bs = 6, 2, 4
     width = -(-max(lens) // bs)
     n_blocks = len(lens) * width + 3
     k_cache, v_cache = torch.randn(2, n_blocks, bs, n_kv, hd, generator=g).unbind(0)
@@ -353,6 +363,8 @@ def test_cpu_paged_attention_matches_the_twin(lens):
     assert cpu._whole_prompts_in_order(row_index, row_to_seq, row_index, seq_lens)
     got, want = both(q, seq_lens, row_index, row_to_seq, row_index, max(lens))
     assert_close(got, want, PATH)
+    takes = hd % 16 == 0 and native_attention.library() is not None
+    assert compiled == [takes] * S  # one per prompt
     if S > 1:  # sequence 0 decodes its newest token while the others prefill: not whole prompts
         keep = row_index >= 0
         keep[: lens[0] - 1] = False

@@ -1,0 +1,76 @@
+"""A prompt's causal attention in compiled C (kernels/csrc/prompt_attention.c) on torch's own OpenMP threads.
+
+The cpu backend's prefill runs torch's MKL GEMMs between its attentions. torch's SDPA is the twin here; the
+compiled form reads the keys once transposed and keeps 16 query rows x 64 keys of scores in registers, and runs
+on the same OpenMP threads as the GEMMs around it. That is only true when the process holds one OpenMP runtime:
+the library links libgomp.so.1, which the loader resolves to the copy torch loaded (other copies, such as the
+one sentencepiece's wheel bundles under another name, may be mapped too: only the one each library binds to
+counts). Where it would bind to another runtime (torch on Intel's, say), a second pool would spin against
+torch's, so then this path is off. Also off without AVX-512, without a C compiler that takes -fopenmp, or with
+PARALLAMA_NATIVE=0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kernels import native
+
+SOURCE = native.SOURCE.with_name("prompt_attention.c")
+HEADERS = (SOURCE.with_name("simd.h"),)
+FLAGS = [*native.FLAGS, "-fopenmp"]
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+def _runtime(lib: ctypes.CDLL) -> int | None:
+    """Where `lib` (or a library it links) resolved OpenMP's parallel-region entry: the runtime it runs on."""
+    try:
+        return ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value
+    except AttributeError:
+        return None
+
+
+def torch_runtime() -> int | None:
+    """The OpenMP runtime torch's CPU ops run on (None: torch links none)."""
+    return _runtime(ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")))
+
+
+@functools.cache
+def library() -> Any:
+    """The loaded library, or None where this path is off (see the module docstring; a failed build warns)."""
+    if os.environ.get("PARALLAMA_NATIVE", "1") == "0" or native.library() is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(native._build(SOURCE, HEADERS, FLAGS)))
+    except (OSError, RuntimeError) as e:
+        warnings.warn(f"parallama: the compiled prompt attention is unavailable ({e}); using SDPA", stacklevel=2)
+        return None
+    if _runtime(lib) is None or _runtime(lib) != torch_runtime():  # a second pool would fight torch's for the cores
+        return None
+    lib.pl_transpose_k.argtypes, lib.pl_transpose_k.restype = [_P, _P, _I, _I, _I], None
+    lib.pl_causal_attention.argtypes, lib.pl_causal_attention.restype = [_P] * 4 + [_I] * 5, ctypes.c_int
+    probe = lib.pl_causal_attention(None, None, None, None, 0, 0, 1, 1, 16)  # 2: no AVX-512 or OpenMP form
+    return lib if probe == 0 else None
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """softmax(q kᵀ / √hd + causal) v for a prompt's rows: q (M, H, hd), k and v (L, H_kv, hd), contiguous fp32,
+    query row i at position L - M + i. None where the path is off or the shape is not one it takes (hd a
+    multiple of 16 up to 256, M ≤ L, H a multiple of H_kv): the caller keeps SDPA."""
+    lib = library()
+    M, H, hd = q.shape
+    L, Hkv, _ = k.shape
+    if lib is None or hd % 16 or not 16 <= hd <= 256 or M > L or H % Hkv:
+        return None
+    kt = torch.empty(Hkv, hd, L, dtype=torch.float32)  # the keys by dimension: 16 keys are one vector
+    lib.pl_transpose_k(k.data_ptr(), kt.data_ptr(), L, Hkv, hd)
+    out = torch.empty_like(q)
+    done = lib.pl_causal_attention(q.data_ptr(), kt.data_ptr(), v.data_ptr(), out.data_ptr(), M, L, H, Hkv, hd)
+    return out if done == 0 else None
