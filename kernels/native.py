@@ -35,6 +35,8 @@ SOURCE = Path(__file__).with_name("csrc") / "decode_layer.c"
 HEADERS = (SOURCE.with_name("pool.h"), SOURCE.with_name("simd.h"))  # included by SOURCE: in the build's cache key
 MAX_ROWS = 8  # MAX_ROWS in the C source
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-pthread", "-shared", "-fPIC", "-std=c11"]
+OPENMP = "-fopenmp"  # tried first: the row passes then split a prefill's rows over torch's OpenMP threads
+PARALLEL_ROWS = 16  # from this many rows on (fewer: on the calling thread)
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -114,7 +116,10 @@ def library() -> Any:
     if os.environ.get("PARALLAMA_NATIVE", "1") == "0":
         return None
     try:
-        lib = ctypes.CDLL(str(_build()))
+        try:
+            lib = ctypes.CDLL(str(_build(flags=[*FLAGS, OPENMP])))
+        except RuntimeError:  # a compiler without OpenMP: the same library, every pass on the calling thread
+            lib = ctypes.CDLL(str(_build()))
     except (OSError, RuntimeError) as e:
         warnings.warn(f"parallama: the compiled decode layer is unavailable ({e}); using the per-op path", stacklevel=2)
         return None
@@ -144,8 +149,28 @@ def library() -> Any:
     lib.pl_silu_mul.argtypes = [_ptr, _ptr, _i64, _i64]
     lib.pl_silu_mul.restype = ctypes.c_int
     lib.pl_decode_layer_work.restype = _i64
+    lib.pl_set_parallel_rows.argtypes, lib.pl_set_parallel_rows.restype = [_i64], None
+    lib.pl_set_parallel_rows(PARALLEL_ROWS if openmp_is_torchs(lib) else 0)
     _lib = lib
     return lib
+
+
+def openmp_runtime(lib: ctypes.CDLL) -> int | None:
+    """Where `lib` (or a library it links) resolved OpenMP's parallel-region entry: the runtime it runs on."""
+    try:
+        return ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value
+    except AttributeError:
+        return None
+
+
+def openmp_is_torchs(lib: ctypes.CDLL) -> bool:
+    """Whether `lib`'s OpenMP regions run on torch's own threads: it links libgomp.so.1, which the loader resolves
+    to the copy torch loaded. Other copies may be mapped too (sentencepiece's wheel bundles one under another
+    name); only the one each library binds to counts. Where it binds to another runtime (torch on Intel's, say),
+    its regions would bring a second pool that spins against torch's for the cores."""
+    torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    ours = openmp_runtime(lib)
+    return ours is not None and ours == openmp_runtime(torch_cpu)
 
 
 def _numpy_sgemv() -> int | None:

@@ -2,12 +2,10 @@
 
 The cpu backend's prefill runs torch's MKL GEMMs between its attentions. torch's SDPA is the twin here; the
 compiled form reads the keys once transposed and keeps 16 query rows x 64 keys of scores in registers, and runs
-on the same OpenMP threads as the GEMMs around it. That is only true when the process holds one OpenMP runtime:
-the library links libgomp.so.1, which the loader resolves to the copy torch loaded (other copies, such as the
-one sentencepiece's wheel bundles under another name, may be mapped too: only the one each library binds to
-counts). Where it would bind to another runtime (torch on Intel's, say), a second pool would spin against
-torch's, so then this path is off. Also off without AVX-512, without a C compiler that takes -fopenmp, or with
-PARALLAMA_NATIVE=0.
+on the same OpenMP threads as the GEMMs around it: the library links libgomp.so.1, which the loader resolves to
+the copy torch loaded (`native.openmp_is_torchs`). Where it would bind to another runtime, a second pool would
+spin against torch's, so then this path is off; also without AVX-512, without a C compiler that takes -fopenmp,
+or with PARALLAMA_NATIVE=0.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import ctypes
 import functools
 import os
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,19 +26,6 @@ FLAGS = [*native.FLAGS, "-fopenmp"]
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 
-def _runtime(lib: ctypes.CDLL) -> int | None:
-    """Where `lib` (or a library it links) resolved OpenMP's parallel-region entry: the runtime it runs on."""
-    try:
-        return ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value
-    except AttributeError:
-        return None
-
-
-def torch_runtime() -> int | None:
-    """The OpenMP runtime torch's CPU ops run on (None: torch links none)."""
-    return _runtime(ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")))
-
-
 @functools.cache
 def library() -> Any:
     """The loaded library, or None where this path is off (see the module docstring; a failed build warns)."""
@@ -52,7 +36,7 @@ def library() -> Any:
     except (OSError, RuntimeError) as e:
         warnings.warn(f"parallama: the compiled prompt attention is unavailable ({e}); using SDPA", stacklevel=2)
         return None
-    if _runtime(lib) is None or _runtime(lib) != torch_runtime():  # a second pool would fight torch's for the cores
+    if not native.openmp_is_torchs(lib):  # a second pool would fight torch's for the cores
         return None
     lib.pl_transpose_k.argtypes, lib.pl_transpose_k.restype = [_P, _P, _I, _I, _I], None
     lib.pl_causal_attention.argtypes, lib.pl_causal_attention.restype = [_P] * 4 + [_I] * 5, ctypes.c_int

@@ -4,6 +4,9 @@ the prompt's tail (M < L); the shapes it refuses; and the premise it rests on, o
 
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,10 +64,19 @@ def test_refuses_what_it_does_not_take():
 
 
 def test_runs_on_torchs_openmp_runtime():
-    """The library's parallel regions run on torch's OpenMP threads: its GOMP_parallel is the one libtorch_cpu
-    binds to (sentencepiece's bundled copy, mapped in this process too, is another and is not used)."""
-    ours = native_attention._runtime(native_attention.library())
-    assert ours is not None and ours == native_attention.torch_runtime()
+    """Both compiled libraries' parallel regions run on torch's OpenMP threads: their GOMP_parallel is the one
+    libtorch_cpu binds to. Control: every other OpenMP copy mapped here (sentencepiece's wheel bundles one) has
+    another, so the check tells runtimes apart."""
+    import sentencepiece  # noqa: F401  (maps its own libgomp copy)
+
+    from kernels import native
+
+    assert native.openmp_is_torchs(native_attention.library()) and native.openmp_is_torchs(native.library())
+    torch_lib = Path(torch.__file__).parent / "lib"
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    others = {line.split()[-1] for line in maps if "libgomp" in line and Path(line.split()[-1]).parent != torch_lib}
+    for path in others:
+        assert native.openmp_runtime(ctypes.CDLL(path)) != native.openmp_runtime(native.library()), path
 
 
 def test_off_with_the_native_switch(monkeypatch):

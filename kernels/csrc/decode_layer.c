@@ -338,11 +338,20 @@ int pl_linear(const float *x, const float *w, float *y, int64_t rows, int64_t n_
     return 0;
 }
 
+/* The row passes below (a prefill's add + norm, RoPE + KV write, SwiGLU epilogue) split their rows over OpenMP's
+   threads from this many rows on; 0 (the default, and a build without -fopenmp): on the calling thread only.
+   kernels/native.py sets it only where those threads are torch's own (the one pool that runs the GEMMs between
+   these passes: a second one would spin against it for the cores). */
+static int64_t parallel_rows = 0;
+void pl_set_parallel_rows(int64_t n) { parallel_rows = n; }
+#define PARALLEL_ROWS(rows) if (parallel_rows > 0 && (rows) >= parallel_rows)
+
 /* h = x + residual (residual NULL: h = x, not written) and y = RMSNorm(h) · w, row by row in one pass over
-   each row on the calling thread: a prefill's add + norm without torch's five passes and their temporaries. */
+   each row: a prefill's add + norm without torch's five passes and their temporaries. */
 int pl_add_rms_norm(const float *x, const float *residual, const float *w, float *h, float *y, int64_t rows,
                     int64_t d, float eps) {
     if (rows < 0 || d < 1) return 1;
+#pragma omp parallel for schedule(static) PARALLEL_ROWS(rows)
     for (int64_t m = 0; m < rows; m++) {
         const float *xm = x + m * d;
         const float *hm = xm;
@@ -358,13 +367,13 @@ int pl_add_rms_norm(const float *x, const float *residual, const float *w, float
     return 0;
 }
 
-/* RoPE of each row's Q and K heads (interleaved pairs) and the paged-cache write of K and V, on the calling
-   thread: q_out (rows, H, hd) gets the rotated Q, k_cache / v_cache (slots, H_kv, hd) the rotated K and V at
+/* RoPE of each row's Q and K heads (interleaved pairs) and the paged-cache write of K and V: q_out (rows, H, hd) gets the rotated Q, k_cache / v_cache (slots, H_kv, hd) the rotated K and V at
    slots[m]. qkv (rows, (H + 2 H_kv) hd) is only read. */
 int pl_rope_write_kv(const float *qkv, const float *cos_sin, float *k_cache, float *v_cache, const int64_t *slots,
                      float *q_out, int64_t rows, int64_t H, int64_t Hkv, int64_t hd) {
     if (rows < 0 || hd < 2 || hd % 2) return 1;
     const int64_t half = hd / 2, q_dim = H * hd, kv_dim = Hkv * hd, width = q_dim + 2 * kv_dim;
+#pragma omp parallel for schedule(static) PARALLEL_ROWS(rows)
     for (int64_t m = 0; m < rows; m++) {
         const float *r = qkv + m * width, *cs = cos_sin + m * hd;
         float *kc = k_cache + slots[m] * kv_dim, *vc = v_cache + slots[m] * kv_dim;
@@ -382,6 +391,7 @@ int pl_rope_write_kv(const float *qkv, const float *cos_sin, float *k_cache, flo
 int pl_silu_mul(const float *g13, float *out, int64_t rows, int64_t n) {
 #if defined(__AVX512F__)
     const __m512 one = _mm512_set1_ps(1.0f);
+#pragma omp parallel for schedule(static) PARALLEL_ROWS(rows)
     for (int64_t m = 0; m < rows; m++) {
         const float *g = g13 + m * 2 * n, *u = g + n;
         float *o = out + m * n;
