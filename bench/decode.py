@@ -66,7 +66,7 @@ from bench.parallama_rows import (  # noqa: E402
     run_interleaved,
     tenant_adapters,
 )
-from bench.peers import bench_hf, load_hf_peer, peft_model  # noqa: E402
+from bench.peers import HFCase, bench_hf, load_hf_peer, peft_model  # noqa: E402
 from bench.report import PREFILL_GOAL, add_roof, find, format_summary, format_table, plot, summarize  # noqa: E402
 from bench.step_profile import (  # noqa: E402
     decode_profile,
@@ -230,6 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"peak +{r['peak_mem_mib']:.0f} MiB"
         )
 
+    hf, why = (
+        (None, "transformers peers off (--peers without transformers, or --no-peers)")
+        if "transformers" not in a.peers
+        else load_hf_peer(a.model, DTYPES[a.dtype], a.device)
+    )
     for beams in a.beams:
         for batch in a.batch:
             methods = [m for m in a.methods if not (m == "mixed" and batch < len(METHODS))]  # mixed: one per method
@@ -241,6 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     log(f"llama.cpp {', '.join(types)}: GGUFs of these weights, timed in the same rounds")
                     tok = llamacpp.tokenizer_gguf(a.model)
                     cases += stack.enter_context(llamacpp.cases(model, ids, a.new_tokens, DTYPES[a.dtype], tok))
+                if hf is not None and beams == batch == 1 and "base" in methods:
+                    log("transformers base: timed in the same rounds")
+                    cases.append(HFCase(hf, ids, a.new_tokens, 1, weights=weights))
                 for r in run_interleaved(cases, a.runs):
                     add(r)
         if a.tenants:
@@ -263,11 +271,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in run_interleaved(cases, a.runs):
                 add(r)
 
-    hf, why = (
-        (None, "transformers peers off (--peers without transformers, or --no-peers)")
-        if "transformers" not in a.peers
-        else load_hf_peer(a.model, DTYPES[a.dtype], a.device)
-    )
     if hf is None:
         log(why)
     else:
@@ -280,8 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log("peft is not installed; peft peers skipped")
         for beams in a.beams:
             for batch in a.batch:
-                log(f"transformers base beams={beams} batch={batch} ({a.runs} runs)")
-                add(bench_hf(hf, ids, a.new_tokens, beams, a.runs, batch=batch, weights=weights))
+                if find(rows, engine="transformers", method="base", beams=beams, batch=batch) is None:
+                    log(f"transformers base beams={beams} batch={batch} ({a.runs} runs)")
+                    add(bench_hf(hf, ids, a.new_tokens, beams, a.runs, batch=batch, weights=weights))
                 for method in ("lora", "ia3"):
                     if method in a.methods and have_peft:
                         log(f"peft {method} beams={beams} batch={batch} ({a.runs} runs)")

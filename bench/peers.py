@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from bench.measure import PeakMemory, sync, timed
+from bench.measure import PeakMemory, sync
 from bench.report import row
 
 
@@ -66,78 +66,103 @@ class StepClock:
         return requests * (len(self.times) - 1) / max(self.times[-1] - self.times[0], 1e-9)
 
 
-def bench_hf(
-    hf: Any,
-    ids: list[int],
-    new: int,
-    beams: int,
-    runs: int,
-    *,
-    batch: int = 1,
-    engine: str = "transformers",
-    method: str = "base",
-    tenants: int = 1,
-    weights: int = 0,
-    generate_kwargs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """A transformers / peft row: greedy `generate` of `batch` copies of the prompt. The prefill is the time
-    of a 1-token generate; decode tok/s comes from the step times inside the full generate (`StepClock`), not
-    from subtracting the two timings, which goes negative when the machine is shared. `weights`: the bytes
-    a decode step reads (for decode_gbs; 0 = skip)."""
-    from transformers import LogitsProcessorList
+class HFCase:
+    """A transformers / peft row: greedy `generate` of `batch` copies of the prompt, as a case `run_interleaved`
+    can time in the same rounds as parallama's (bench/parallama_rows.py). Each run times a 1-token generate
+    (the prefill) and the full generate; decode tok/s comes from the step times inside the latter
+    (`StepClock`), not from subtracting the two, which goes negative when the machine is shared. Construction
+    makes one warm-up of each inside `PeakMemory`. `weights`: the bytes a decode step reads (for decode_gbs;
+    0 = skip)."""
 
-    device = next(hf.parameters()).device
-    x = torch.tensor([ids] * batch, device=device)
-    mask = torch.ones_like(x)
-    eos = getattr(hf.generation_config, "eos_token_id", None)
-    pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    def __init__(
+        self,
+        hf: Any,
+        ids: list[int],
+        new: int,
+        beams: int,
+        *,
+        batch: int = 1,
+        engine: str = "transformers",
+        method: str = "base",
+        tenants: int = 1,
+        weights: int = 0,
+        generate_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.hf, self.ids, self.new, self.beams, self.batch = hf, ids, new, beams, batch
+        self.engine, self.method, self.tenants, self.weights = engine, method, tenants, weights
+        self.kwargs = generate_kwargs or {}
+        self.device = next(hf.parameters()).device
+        self.x = torch.tensor([ids] * batch, device=self.device)
+        eos = getattr(hf.generation_config, "eos_token_id", None)
+        self.pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+        self.results: list[tuple[float, float, float]] = []  # (prefill s, full generate s, decode tok/s)
+        with PeakMemory(self.device) as mem:
+            self._generate(1)
+            self._generate(new)
+        self.peak_mem_mib = mem.mib
 
-    def run(n: int, clock: StepClock | None = None) -> None:
+    def _generate(self, n: int, clock: StepClock | None = None) -> None:
+        from transformers import LogitsProcessorList
+
         extra = {"logits_processor": LogitsProcessorList([clock])} if clock else {}
         with torch.no_grad():
-            hf.generate(
-                x,
-                attention_mask=mask,
+            self.hf.generate(
+                self.x,
+                attention_mask=torch.ones_like(self.x),
                 max_new_tokens=n,
                 min_new_tokens=n,
                 do_sample=False,
-                num_beams=beams,
-                pad_token_id=pad,
+                num_beams=self.beams,
+                pad_token_id=self.pad,
                 **extra,
-                **(generate_kwargs or {}),
+                **self.kwargs,
             )
 
-    with PeakMemory(device) as mem:
-        t_prefill = timed(lambda: run(1), runs, device)
-        run(new)  # warm-up
-        full = []
-        for _ in range(runs):
-            clock = StepClock(device)
-            sync(device)
-            t0 = time.perf_counter()
-            run(new, clock)
-            sync(device)
-            full.append((time.perf_counter() - t0, clock.decode_tps(batch)))
-    t_total, decode_tps = (statistics.median(r[i] for r in full) for i in range(2))
-    per_token = hf_kv_bytes_per_token(hf)
-    out = row(
-        engine,
-        method,
-        beams=beams,
-        batch=batch,
-        tenants=tenants,
-        prompt_len=len(ids),
-        new_tokens=new,
-        t_total=t_total,
-        t_prefill=t_prefill,
-        kv_bytes=per_token * (len(ids) + new) * beams * batch,
-        peak_mem_mib=mem.mib,
-        decode_tps=decode_tps,
-    )
-    if weights:  # as parallama's: weights + every beam's K/V mid-generation, per step; a step = batch tokens
-        step_bytes = weights + batch * beams * per_token * (len(ids) + new // 2)
-        out["decode_gbs"] = step_bytes * out["decode_tps"] / batch / 1e9
-    return out
+    def run(self) -> None:
+        sync(self.device)
+        t0 = time.perf_counter()
+        self._generate(1)
+        sync(self.device)
+        t1 = time.perf_counter()
+        clock = StepClock(self.device)
+        self._generate(self.new, clock)
+        sync(self.device)
+        self.results.append((t1 - t0, time.perf_counter() - t1, clock.decode_tps(self.batch)))
+
+    def row(self) -> dict[str, Any]:
+        t_prefill, t_total, decode_tps = (statistics.median(r[i] for r in self.results) for i in range(3))
+        per_token = hf_kv_bytes_per_token(self.hf)
+        batch, n = self.batch, len(self.ids)
+        out = row(
+            self.engine,
+            self.method,
+            beams=self.beams,
+            batch=batch,
+            tenants=self.tenants,
+            prompt_len=n,
+            new_tokens=self.new,
+            t_total=t_total,
+            t_prefill=t_prefill,
+            kv_bytes=per_token * (n + self.new) * self.beams * batch,
+            peak_mem_mib=self.peak_mem_mib,
+            decode_tps=decode_tps,
+        )
+        # per run, in round order: paired with parallama's runs when both were timed in the same rounds
+        out["runs_tps"] = [batch * self.new / r[1] for r in self.results]
+        out["runs_decode_tps"] = [r[2] for r in self.results]
+        out["runs_prefill_tps"] = [batch * n / r[0] for r in self.results]
+        if self.weights:  # as parallama's: weights + every beam's K/V mid-generation, per step; a step = batch tokens
+            step_bytes = self.weights + batch * self.beams * per_token * (n + self.new // 2)
+            out["decode_gbs"] = step_bytes * out["decode_tps"] / batch / 1e9
+        return out
+
+
+def bench_hf(hf: Any, ids: list[int], new: int, beams: int, runs: int, **kw: Any) -> dict[str, Any]:
+    """One transformers / peft row on its own: `runs` runs of an `HFCase` (keywords as there)."""
+    case = HFCase(hf, ids, new, beams, **kw)
+    for _ in range(runs):
+        case.run()
+    return case.row()
 
 
 def peft_model(hf: Any, method: str, n: int = 1, seed: int = 0) -> Any:

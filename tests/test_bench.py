@@ -713,3 +713,23 @@ def test_prefill_remaining_arithmetic():
     assert "paged_attention 30.0" in one
     assert "prefill 250.0 ms" in two and "208.3 ms" in two and "leaves 14.3 ms" in two and "takes 56.0 ms" in two
     assert len(prefill_remaining(p, 58_000_000_000, None, "transformers", 274, 1.2)) == 1
+
+
+def test_transformers_in_the_same_rounds_is_paired(one_torch_thread):
+    """An HFCase timed in parallama's rounds carries one figure per round, so the prefill target is the median
+    of per-round ratios (hand-checked here), not a ratio of medians from different minutes."""
+    model, sd = tiny_meta_model()
+    hf = tiny_hf_oracle(sd)
+    ids = [3, 5, 7, 9, 11, 13]
+    ours, theirs = parallama_rows.run_interleaved(
+        [parallama_rows.ParallamaCase(model, ids, 3, 1), peers.HFCase(hf, ids, 3, 1, weights=1000)], 3
+    )
+    check_schema(theirs)
+    assert theirs["engine"] == "transformers" and theirs["decode_gbs"] > 0
+    assert len(ours["runs_prefill_tps"]) == len(theirs["runs_prefill_tps"]) == 3
+    t = report._target("prefill", ours, theirs, "prefill_tps", 1.2)
+    per_round = [a / b for a, b in zip(ours["runs_prefill_tps"], theirs["runs_prefill_tps"])]
+    assert t["paired"] and t["ratio"] == pytest.approx(sorted(per_round)[1])
+    assert theirs["prefill_tps"] == pytest.approx(
+        len(ids) / sorted(len(ids) / r for r in theirs["runs_prefill_tps"])[1]
+    )
