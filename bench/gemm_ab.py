@@ -6,10 +6,10 @@ path inductor uses for frozen CPU graphs), in alternating rounds.
 
 A round runs every layer's wqkv, wo, w13 and w2 on `--rows` activation rows, as one prefill does (each weight
 comes from memory once per round), first one way and then the other; the speed-up is the median of the per-round
-ratios. Each packed product is checked against `F.linear` first: a packed weight is only valid for the row count
-it was packed for (torch falls back to the unpacked path for any other), so this measures what a prompt of
-exactly `--rows` tokens could gain, the bound on what a prefill GEMM with weights packed at load can reach
-with MKL's kernels. Needs torch built with MKL (the x86 wheels).
+ratios. Each packed product is checked against `F.linear` first. torch's packed op only takes the row count a
+weight was packed for (it falls back to the unpacked path for any other), so this measures what a prompt of
+exactly `--rows` tokens gains with it; the cpu backend instead calls MKL's pack / compute functions directly
+(`kernels/mkl_gemm.py`), whose packing serves any row count. Needs torch built with MKL (the x86 wheels).
 """
 
 from __future__ import annotations
