@@ -9,8 +9,10 @@ equal `F.linear`'s bit for bit at every prefill row count tried (9-2000): the sa
 The functions are MKL's own, in the libtorch_cpu.so that x86 torch wheels link MKL into statically, so they
 run on the same OpenMP threads as every other torch op. A packed weight is cached on the tensor and remade when
 its storage moves or it is written in place (`_version`); it costs about the weight's size again in memory
-(SmolLM2's layers: +376 MiB resident after the first prefill).
-PARALLAMA_PACKED_GEMM=0 turns the path off; without MKL's symbols (another BLAS, another platform) it is off.
+(SmolLM2's layers: +376 MiB resident after the first prefill). Packings stop at a budget, a quarter of the
+machine's memory unless PARALLAMA_PACKED_GEMM_MIB says otherwise: a model that large keeps `F.linear` for the
+weights past it rather than doubling its footprint. PARALLAMA_PACKED_GEMM=0 turns the path off; without MKL's
+symbols (another BLAS, another platform) it is off.
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import weakref
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 _ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162  # mkl_cblas.h's enum values
 # MKL picks the panel layout (and so the kernels) by the row count it is told at packing: a layout packed for
 # 1, 17 or 4096 rows is no faster than F.linear on a prompt; any of 128-512 is 1.2-1.4x on 20-512 rows
 PACK_ROWS = 256
 _I, _P, _F = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+_packed_bytes = 0  # the weights' bytes now held packed (a packing leaves with its tensor)
 
 
 @functools.cache
@@ -64,23 +69,57 @@ def pack(w: torch.Tensor) -> torch.Tensor:
     return buf
 
 
-def packed(w: torch.Tensor) -> torch.Tensor:
-    """`pack(w)`, made once per tensor and remade when w's storage moved or it was written in place."""
+def budget_bytes() -> int:
+    """How many weight bytes may be held packed: PARALLAMA_PACKED_GEMM_MIB, else a quarter of MemTotal."""
+    mib = os.environ.get("PARALLAMA_PACKED_GEMM_MIB")
+    if mib is not None:
+        try:
+            return int(float(mib) * 2**20)
+        except ValueError:
+            raise ValueError(f"PARALLAMA_PACKED_GEMM_MIB={mib!r} is not a number of MiB") from None
+    return _mem_total() // 4
+
+
+@functools.cache
+def _mem_total() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            return 1024 * next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    except (OSError, StopIteration, ValueError):
+        return 16 << 30  # unknown: as for a 16 GiB machine
+
+
+def _release(nbytes: int) -> None:
+    global _packed_bytes
+    _packed_bytes -= nbytes
+
+
+def packed(w: torch.Tensor) -> torch.Tensor | None:
+    """`pack(w)`, made once per tensor and remade when w's storage moved or it was written in place; None when
+    packing it would pass `budget_bytes()`."""
+    global _packed_bytes
     key = (w.data_ptr(), w._version)
     hit = getattr(w, "_mkl_packed", None)
     if hit is not None and hit[0] == key:
         return hit[1]
     w._mkl_packed = None  # the stale buffer goes before the new one is made: never two in memory
+    nbytes = w.numel() * w.element_size()
+    if _packed_bytes + nbytes > budget_bytes():
+        return None
     buf = pack(w.detach())
+    _packed_bytes += nbytes
+    weakref.finalize(buf, _release, nbytes)
     w._mkl_packed = (key, buf)
     return buf
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ wᵀ for contiguous fp32 x (M, K) and w (N, K), on w's packed form (made on the first call)."""
+    """x @ wᵀ for contiguous fp32 x (M, K) and w (N, K), on w's packed form (made on the first call), or by
+    `F.linear` where the packing budget is spent."""
     if w.shape[1] != x.shape[1] or not x.is_contiguous() or x.dtype != torch.float32:
         raise ValueError(f"linear: x {tuple(x.shape)} {x.dtype} against w {tuple(w.shape)}")
-    return compute(x, packed(w), w.shape[0])
+    b = packed(w)
+    return F.linear(x, w) if b is None else compute(x, b, w.shape[0])
 
 
 def compute(x: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:

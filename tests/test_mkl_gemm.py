@@ -84,3 +84,29 @@ def test_switched_off(monkeypatch):
         monkeypatch.delenv("PARALLAMA_PACKED_GEMM")
         mkl_gemm._mkl.cache_clear()
     assert mkl_gemm.available()
+
+
+def test_packings_stop_at_the_budget(monkeypatch):
+    """Past PARALLAMA_PACKED_GEMM_MIB of packed weights a weight keeps F.linear (same products, no packing); a
+    packing's bytes are given back when its weight goes. A budget that is not a number is a one-line error."""
+    import gc
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(20, 256, generator=g)
+    first, second = torch.randn(512, 256, generator=g), torch.randn(512, 256, generator=g)  # 0.5 MiB each
+    before = mkl_gemm._packed_bytes
+    monkeypatch.setenv("PARALLAMA_PACKED_GEMM_MIB", str(before / 2**20 + 0.75))
+    assert_close(mkl_gemm.linear(x, first), F.linear(x, first), PATH)
+    assert first._mkl_packed is not None and mkl_gemm._packed_bytes == before + first.numel() * 4
+    assert_close(mkl_gemm.linear(x, second), F.linear(x, second), PATH)
+    assert second._mkl_packed is None and mkl_gemm._packed_bytes == before + first.numel() * 4
+    del first
+    gc.collect()
+    assert mkl_gemm._packed_bytes == before
+    mkl_gemm.linear(x, second)
+    assert second._mkl_packed is not None
+    monkeypatch.setenv("PARALLAMA_PACKED_GEMM_MIB", "lots")
+    with pytest.raises(ValueError, match="PARALLAMA_PACKED_GEMM_MIB"):
+        mkl_gemm.linear(x, torch.randn(512, 256))
+    monkeypatch.delenv("PARALLAMA_PACKED_GEMM_MIB")
+    assert mkl_gemm.budget_bytes() == mkl_gemm._mem_total() // 4 > 0
