@@ -158,11 +158,15 @@ class HFCase:
 
 
 def bench_hf(hf: Any, ids: list[int], new: int, beams: int, runs: int, **kw: Any) -> dict[str, Any]:
-    """One transformers / peft row on its own: `runs` runs of an `HFCase` (keywords as there)."""
+    """One transformers / peft row on its own: `runs` runs of an `HFCase` (keywords as there). It shares no
+    rounds with another row, so it carries no per-run figures: its ratios are never taken as paired."""
     case = HFCase(hf, ids, new, beams, **kw)
     for _ in range(runs):
         case.run()
-    return case.row()
+    out = case.row()
+    for key in ("runs_tps", "runs_decode_tps", "runs_prefill_tps"):
+        del out[key]
+    return out
 
 
 def peft_model(hf: Any, method: str, n: int = 1, seed: int = 0) -> Any:

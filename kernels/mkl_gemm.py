@@ -7,11 +7,14 @@ packed path, `torch.ops.mkl._mkl_linear`, only accepts the row count it was pack
 equal `F.linear`'s bit for bit at every prefill row count tried (9-2000): the same kernels on the same panels.
 
 The functions are MKL's own, in the libtorch_cpu.so that x86 torch wheels link MKL into statically, so they
-run on the same OpenMP threads as every other torch op. A packed weight is cached on the tensor and remade when
-its storage moves or it is written in place (`_version`); it costs about the weight's size again in memory
-(SmolLM2's layers: +376 MiB resident after the first prefill). Packings stop at a budget, a quarter of the
-machine's memory unless PARALLAMA_PACKED_GEMM_MIB says otherwise: a model that large keeps `F.linear` for the
-weights past it rather than doubling its footprint. PARALLAMA_PACKED_GEMM=0 turns the path off; without MKL's
+run on the same OpenMP threads as every other torch op. A packed weight is cached per tensor (in a weak table,
+not on the tensor: it is never pickled with it) and remade when its storage moves or torch sees it written in
+place (`_version`: `copy_`, an optimizer's per-tensor or foreach step). Writes torch does not count (through
+`.data`, a numpy view, a fused optimizer) need `invalidate(model)`. A packing costs about the weight's size
+again in resident memory (SmolLM2's layers: +376 MiB after the first prefill; MKL reserves more address space
+than it touches). Packings stop at a budget of resident bytes, a quarter of the machine's memory unless
+PARALLAMA_PACKED_GEMM_MIB says otherwise: a model that large keeps `F.linear` for the weights past it rather
+than doubling its footprint. PARALLAMA_PACKED_GEMM=0 turns the path off; without MKL's
 symbols (another BLAS, another platform) it is off.
 """
 
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakTensorKeyDictionary
 
 _ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162  # mkl_cblas.h's enum values
 # MKL picks the panel layout (and so the kernels) by the row count it is told at packing: a layout packed for
@@ -32,6 +36,7 @@ _ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162  # m
 PACK_ROWS = 256
 _I, _P, _F = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 _packed_bytes = 0  # the weights' bytes now held packed (a packing leaves with its tensor)
+_packs: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> ((data_ptr, _version), packed buffer)
 
 
 @functools.cache
@@ -99,18 +104,31 @@ def packed(w: torch.Tensor) -> torch.Tensor | None:
     packing it would pass `budget_bytes()`."""
     global _packed_bytes
     key = (w.data_ptr(), w._version)
-    hit = getattr(w, "_mkl_packed", None)
+    hit = _packs.pop(w, None)  # a stale buffer goes before the new one is made: never two in memory
     if hit is not None and hit[0] == key:
+        _packs[w] = hit
         return hit[1]
-    w._mkl_packed = None  # the stale buffer goes before the new one is made: never two in memory
+    del hit
     nbytes = w.numel() * w.element_size()
     if _packed_bytes + nbytes > budget_bytes():
         return None
     buf = pack(w.detach())
     _packed_bytes += nbytes
     weakref.finalize(buf, _release, nbytes)
-    w._mkl_packed = (key, buf)
+    _packs[w] = (key, buf)
     return buf
+
+
+def is_packed(w: torch.Tensor) -> bool:
+    return w in _packs
+
+
+def invalidate(*objs: torch.Tensor | torch.nn.Module) -> None:
+    """Drop the packings of these weights (or of every parameter of these modules): after writes torch does not
+    count, such as `p.data.mul_()` or a fused optimizer step. The next GEMM packs them again."""
+    for obj in objs:
+        for t in obj.parameters() if isinstance(obj, torch.nn.Module) else (obj,):
+            _packs.pop(t, None)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

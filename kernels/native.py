@@ -118,7 +118,7 @@ def library() -> Any:
     try:
         try:
             lib = ctypes.CDLL(str(_build(flags=[*FLAGS, OPENMP])))
-        except RuntimeError:  # a compiler without OpenMP: the same library, every pass on the calling thread
+        except (OSError, RuntimeError):  # no OpenMP to build or load: the same library, passes on the caller
             lib = ctypes.CDLL(str(_build()))
     except (OSError, RuntimeError) as e:
         warnings.warn(f"parallama: the compiled decode layer is unavailable ({e}); using the per-op path", stacklevel=2)

@@ -51,6 +51,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     lib = library()
     M, H, hd = q.shape
     L, Hkv, _ = k.shape
+    for name, t, want in (("q", q, (M, H, hd)), ("k", k, (L, Hkv, hd)), ("v", v, (L, Hkv, hd))):
+        if tuple(t.shape) != want or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(
+                f"causal_attention: {name} must be contiguous fp32 on CPU of shape {want}, got {t.dtype} "
+                f"{tuple(t.shape)} strides {t.stride()} on {t.device}"
+            )
     if lib is None or hd % 16 or not 16 <= hd <= 256 or M > L or H % Hkv:
         return None
     kt = torch.empty(Hkv, hd, L, dtype=torch.float32)  # the keys by dimension: 16 keys are one vector

@@ -733,3 +733,5 @@ def test_transformers_in_the_same_rounds_is_paired(one_torch_thread):
     assert theirs["prefill_tps"] == pytest.approx(
         len(ids) / sorted(len(ids) / r for r in theirs["runs_prefill_tps"])[1]
     )
+    alone = peers.bench_hf(hf, ids, 3, 1, 3)  # timed in rounds of its own: never paired with parallama's
+    assert "runs_prefill_tps" not in alone and not report._target("p", ours, alone, "prefill_tps", 1.2)["paired"]

@@ -3,6 +3,8 @@ row count, remade when the weight changes, taken by the cpu backend only where i
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,14 +32,23 @@ def test_repacked_when_the_weight_changes():
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(40, 64, generator=g), torch.nn.Parameter(torch.randn(96, 64, generator=g), requires_grad=False)
     first = mkl_gemm.linear(x, w)
-    buf = w._mkl_packed[1]
+    buf = mkl_gemm.packed(w)
     mkl_gemm.linear(x, w)
-    assert w._mkl_packed[1] is buf  # reused
+    assert mkl_gemm.packed(w) is buf  # reused
     w.mul_(-2)
     assert_close(mkl_gemm.linear(x, w), F.linear(x, w), PATH)
     assert_far(mkl_gemm.linear(x, w), first, PATH, "the stale packing")
     w.data = torch.randn(96, 64, generator=g)
     assert_close(mkl_gemm.linear(x, w), F.linear(x, w), PATH)
+    # a write torch does not count: stale until invalidated (the documented contract), then fresh
+    w.data.mul_(-1)
+    assert_far(mkl_gemm.linear(x, w), F.linear(x, w), PATH, "uncounted write, not invalidated")
+    mkl_gemm.invalidate(torch.nn.ParameterList([w]))
+    assert not mkl_gemm.is_packed(w)
+    assert_close(mkl_gemm.linear(x, w), F.linear(x, w), PATH)
+    saved = io.BytesIO()
+    torch.save(w, saved)  # the packing (megabytes) does not ride along with the weight
+    assert mkl_gemm.is_packed(w) and saved.tell() < w.numel() * 4 + 4096
 
 
 def test_bad_operands_are_refused():
@@ -79,7 +90,7 @@ def test_switched_off(monkeypatch):
         with pytest.raises(RuntimeError, match="PARALLAMA_PACKED_GEMM"):
             mkl_gemm.pack(torch.randn(4, 4))
         x, w = torch.randn(30, 256), torch.randn(300, 256)
-        assert torch.equal(cpu.blas_linear(x, w), F.linear(x, w)) and not hasattr(w, "_mkl_packed")
+        assert torch.equal(cpu.blas_linear(x, w), F.linear(x, w)) and not mkl_gemm.is_packed(w)
     finally:
         monkeypatch.delenv("PARALLAMA_PACKED_GEMM")
         mkl_gemm._mkl.cache_clear()
@@ -97,14 +108,14 @@ def test_packings_stop_at_the_budget(monkeypatch):
     before = mkl_gemm._packed_bytes
     monkeypatch.setenv("PARALLAMA_PACKED_GEMM_MIB", str(before / 2**20 + 0.75))
     assert_close(mkl_gemm.linear(x, first), F.linear(x, first), PATH)
-    assert first._mkl_packed is not None and mkl_gemm._packed_bytes == before + first.numel() * 4
+    assert mkl_gemm.is_packed(first) and mkl_gemm._packed_bytes == before + first.numel() * 4
     assert_close(mkl_gemm.linear(x, second), F.linear(x, second), PATH)
-    assert second._mkl_packed is None and mkl_gemm._packed_bytes == before + first.numel() * 4
+    assert not mkl_gemm.is_packed(second) and mkl_gemm._packed_bytes == before + first.numel() * 4
     del first
     gc.collect()
     assert mkl_gemm._packed_bytes == before
     mkl_gemm.linear(x, second)
-    assert second._mkl_packed is not None
+    assert mkl_gemm.is_packed(second)
     monkeypatch.setenv("PARALLAMA_PACKED_GEMM_MIB", "lots")
     with pytest.raises(ValueError, match="PARALLAMA_PACKED_GEMM_MIB"):
         mkl_gemm.linear(x, torch.randn(512, 256))

@@ -61,6 +61,11 @@ def test_refuses_what_it_does_not_take():
     assert (
         native_attention.causal_attention(torch.randn(4, 3, 16), torch.randn(4, 2, 16), torch.randn(4, 2, 16)) is None
     )
+    k = torch.randn(4, 2, 16)
+    with pytest.raises(ValueError, match="v must be contiguous fp32"):
+        native_attention.causal_attention(torch.randn(4, 2, 16), k, torch.randn(2, 4, 16).transpose(0, 1))
+    with pytest.raises(ValueError, match="k must be contiguous fp32 on CPU of shape"):
+        native_attention.causal_attention(torch.randn(4, 2, 16), torch.randn(4, 2, 32), k)
 
 
 def test_runs_on_torchs_openmp_runtime():
@@ -75,6 +80,7 @@ def test_runs_on_torchs_openmp_runtime():
     torch_lib = Path(torch.__file__).parent / "lib"
     maps = Path("/proc/self/maps").read_text().splitlines()
     others = {line.split()[-1] for line in maps if "libgomp" in line and Path(line.split()[-1]).parent != torch_lib}
+    assert others  # sentencepiece's copy at least: else this control would check nothing
     for path in others:
         assert native.openmp_runtime(ctypes.CDLL(path)) != native.openmp_runtime(native.library()), path
 
