@@ -104,11 +104,11 @@ def packed(w: torch.Tensor) -> torch.Tensor | None:
     packing it would pass `budget_bytes()`."""
     global _packed_bytes
     key = (w.data_ptr(), w._version)
-    hit = _packs.pop(w, None)  # a stale buffer goes before the new one is made: never two in memory
+    hit = _packs.get(w)
     if hit is not None and hit[0] == key:
-        _packs[w] = hit
         return hit[1]
-    del hit
+    hit = None
+    _packs.pop(w, None)  # a stale buffer goes before the new one is made: never two in memory
     nbytes = w.numel() * w.element_size()
     if _packed_bytes + nbytes > budget_bytes():
         return None

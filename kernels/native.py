@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "decode_layer.c"
-HEADERS = (SOURCE.with_name("pool.h"), SOURCE.with_name("simd.h"))  # included by SOURCE: in the build's cache key
+SOURCES = (SOURCE, SOURCE.with_name("prompt_attention.c"))  # one library (native_attention.py wraps the second)
+HEADERS = (SOURCE.with_name("pool.h"), SOURCE.with_name("simd.h"))  # included by the sources: in the cache key
 MAX_ROWS = 8  # MAX_ROWS in the C source
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-pthread", "-shared", "-fPIC", "-std=c11"]
 OPENMP = "-fopenmp"  # tried first: the row passes then split a prefill's rows over torch's OpenMP threads
@@ -71,6 +72,7 @@ class _Layer(ctypes.Structure):
 
 _lib: Any = None
 _tried = False
+_on_torchs_openmp = False  # the loaded library's OpenMP regions run on torch's threads (`openmp_is_torchs`)
 
 
 def _cpu_id() -> str:
@@ -81,25 +83,26 @@ def _cpu_id() -> str:
     return flags
 
 
-def _build(source: Path = SOURCE, headers: Sequence[Path] = HEADERS, flags: Sequence[str] = FLAGS) -> Path:
-    """The shared library of `source` (its headers and flags in the cache key), compiled once per CPU."""
+def _build(flags: Sequence[str] = FLAGS) -> Path:
+    """The shared library of SOURCES (their headers and the flags in the cache key), compiled once per CPU."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc / gcc / $CC) on PATH")
-    src = b"".join(p.read_bytes() for p in (source, *headers))
+    src = b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256(src + " ".join([cc, *flags, version, _cpu_id()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("PARALLAMA_CACHE") or Path.home() / ".cache" / "parallama")
-    lib = cache / f"{source.stem}-{key}.so"
+    lib = cache / f"decode_layer-{key}.so"
     if lib.exists():
         return lib
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, text=True)
+        cmd = [cc, *flags, *map(str, SOURCES), "-o", tmp, "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {source.name}: {done.stderr.strip().splitlines()[-1:]}")
+            raise RuntimeError(f"{cc} failed on {SOURCE.parent}: {done.stderr.strip().splitlines()[-1:]}")
         os.replace(tmp, lib)  # atomic: a concurrent builder finds a whole library or none
     finally:
         if os.path.exists(tmp):
@@ -109,7 +112,7 @@ def _build(source: Path = SOURCE, headers: Sequence[Path] = HEADERS, flags: Sequ
 
 def library() -> Any:
     """The loaded library, or None (no compiler, a failed build, or PARALLAMA_NATIVE=0; warned once)."""
-    global _lib, _tried
+    global _lib, _tried, _on_torchs_openmp
     if _tried:
         return _lib
     _tried = True
@@ -150,9 +153,17 @@ def library() -> Any:
     lib.pl_silu_mul.restype = ctypes.c_int
     lib.pl_decode_layer_work.restype = _i64
     lib.pl_set_parallel_rows.argtypes, lib.pl_set_parallel_rows.restype = [_i64], None
-    lib.pl_set_parallel_rows(PARALLEL_ROWS if openmp_is_torchs(lib) else 0)
+    lib.pl_transpose_k.argtypes, lib.pl_transpose_k.restype = [_ptr, _ptr, _i64, _i64, _i64], None
+    lib.pl_causal_attention.argtypes, lib.pl_causal_attention.restype = [_ptr] * 4 + [_i64] * 5, ctypes.c_int
+    _on_torchs_openmp = openmp_is_torchs(lib)  # asked once: the row passes and the prompt attention need it
+    lib.pl_set_parallel_rows(PARALLEL_ROWS if _on_torchs_openmp else 0)
     _lib = lib
     return lib
+
+
+def on_torchs_openmp() -> bool:
+    """Whether the library loaded and its OpenMP regions run on torch's own threads."""
+    return library() is not None and _on_torchs_openmp
 
 
 def openmp_runtime(lib: ctypes.CDLL) -> int | None:
@@ -367,7 +378,7 @@ def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(x + residual) · weight, x + residual) for contiguous fp32 x, residual (..., d) and weight (d,),
-    in one pass per row on the calling thread (residual None: the norm of x, and x itself)."""
+    in one pass per row, a prompt's rows split over torch's threads (residual None: the norm of x, and x itself)."""
     d = x.shape[-1]
     y = torch.empty_like(x)
     h = x if residual is None else torch.empty_like(x)
@@ -386,7 +397,8 @@ def rope_write_kv(
     n_kv_heads: int,
 ) -> torch.Tensor:
     """`reference.rope_write_kv` for contiguous fp32 qkv (M, (H + 2 H_kv) hd), cos_sin (M, hd/2, 2), caches
-    (N, bs, H_kv, hd) and int64 slots (M,): one pass per row on the calling thread; returns Q (M, H, hd)."""
+    (N, bs, H_kv, hd) and int64 slots (M,): one pass per row (a prompt's split over torch's threads); returns Q
+    (M, H, hd)."""
     M, hd = qkv.shape[0], cos_sin.shape[-2] * 2
     q = torch.empty(M, n_heads, hd, dtype=qkv.dtype)
     ptrs = (_p(qkv), _p(cos_sin), _p(k_cache), _p(v_cache), _p(slots), _p(q))

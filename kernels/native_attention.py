@@ -2,44 +2,32 @@
 
 The cpu backend's prefill runs torch's MKL GEMMs between its attentions. torch's SDPA is the twin here; the
 compiled form reads the keys once transposed and keeps 16 query rows x 64 keys of scores in registers, and runs
-on the same OpenMP threads as the GEMMs around it: the library links libgomp.so.1, which the loader resolves to
-the copy torch loaded (`native.openmp_is_torchs`). Where it would bind to another runtime, a second pool would
-spin against torch's, so then this path is off; also without AVX-512, without a C compiler that takes -fopenmp,
-or with PARALLAMA_NATIVE=0.
+on the same OpenMP threads as the GEMMs around it: the source is part of the native library (`native.py`), built
+with -fopenmp and linked to libgomp.so.1, which the loader resolves to the copy torch loaded
+(`native.openmp_is_torchs`). Where it would bind to another runtime, a second pool would spin against torch's,
+so then this path is off; also without AVX-512, without a C compiler that takes -fopenmp, or with
+PARALLAMA_NATIVE=0.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
-import warnings
 from typing import Any
 
 import torch
 
 from kernels import native
 
-SOURCE = native.SOURCE.with_name("prompt_attention.c")
-HEADERS = (SOURCE.with_name("simd.h"),)
-FLAGS = [*native.FLAGS, "-fopenmp"]
-_P, _I = ctypes.c_void_p, ctypes.c_int64
-
 
 @functools.cache
 def library() -> Any:
-    """The loaded library, or None where this path is off (see the module docstring; a failed build warns)."""
-    if os.environ.get("PARALLAMA_NATIVE", "1") == "0" or native.library() is None:
+    """The native library where this path is on, else None (see the module docstring)."""
+    if os.environ.get("PARALLAMA_NATIVE", "1") == "0":
         return None
-    try:
-        lib = ctypes.CDLL(str(native._build(SOURCE, HEADERS, FLAGS)))
-    except (OSError, RuntimeError) as e:
-        warnings.warn(f"parallama: the compiled prompt attention is unavailable ({e}); using SDPA", stacklevel=2)
+    if not native.on_torchs_openmp():  # a second pool would fight torch's for the cores
         return None
-    if not native.openmp_is_torchs(lib):  # a second pool would fight torch's for the cores
-        return None
-    lib.pl_transpose_k.argtypes, lib.pl_transpose_k.restype = [_P, _P, _I, _I, _I], None
-    lib.pl_causal_attention.argtypes, lib.pl_causal_attention.restype = [_P] * 4 + [_I] * 5, ctypes.c_int
+    lib = native.library()
     probe = lib.pl_causal_attention(None, None, None, None, 0, 0, 1, 1, 16)  # 2: no AVX-512 or OpenMP form
     return lib if probe == 0 else None
 

@@ -367,8 +367,9 @@ int pl_add_rms_norm(const float *x, const float *residual, const float *w, float
     return 0;
 }
 
-/* RoPE of each row's Q and K heads (interleaved pairs) and the paged-cache write of K and V: q_out (rows, H, hd) gets the rotated Q, k_cache / v_cache (slots, H_kv, hd) the rotated K and V at
-   slots[m]. qkv (rows, (H + 2 H_kv) hd) is only read. */
+/* RoPE of each row's Q and K heads (interleaved pairs) and the paged-cache write of K and V: q_out (rows, H, hd)
+   gets the rotated Q, k_cache / v_cache (slots, H_kv, hd) the rotated K and V at slots[m]. qkv (rows,
+   (H + 2 H_kv) hd) is only read. */
 int pl_rope_write_kv(const float *qkv, const float *cos_sin, float *k_cache, float *v_cache, const int64_t *slots,
                      float *q_out, int64_t rows, int64_t H, int64_t Hkv, int64_t hd) {
     if (rows < 0 || hd < 2 || hd % 2) return 1;
@@ -383,7 +384,6 @@ int pl_rope_write_kv(const float *qkv, const float *cos_sin, float *k_cache, flo
     }
     return 0;
 }
-
 
 /* SwiGLU's epilogue: out (rows, n) = silu(g13[:, :n]) · g13[:, n:] for the stacked gate | up GEMM output
    (rows, 2n), silu(g) = g / (1 + e^-g). Returns 1 (nothing done) without AVX-512: the caller keeps torch's

@@ -4,7 +4,7 @@
    threads, which kernels/native_attention.py only allows when they are torch's own (the one libgomp in the
    process): a prefill's attention sits between torch's MKL GEMMs, and a second pool (the decode layer's) would
    spin against torch's idle workers for the cores (measured: 36 ms per SmolLM2 prefill against SDPA's 27).
-   Built with -fopenmp into a library of its own, so the decode layer stays free of OpenMP. */
+   Compiled into the same library as decode_layer.c (kernels/native.py), whose decode layer keeps its own pool. */
 
 #include <math.h>
 #include <stdint.h>
